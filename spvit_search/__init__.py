@@ -1,0 +1,32 @@
+"""spvit-search: latency-aware soft token pruning for timm vision transformers.
+
+import timm, spvit_search as sp
+model = timm.create_model("deit_small_patch16_224")
+sp.prune(model, sp.PruningPlan(locations=(3, 6, 9), keep=(0.7, 0.49, 0.343)))
+model.eval()(images)                      # deterministic, batched, real speedup
+sp.export_onnx(model, "m.onnx")           # static token counts from the plan
+"""
+
+from . import _compat  # noqa: F401  (must run before timm is imported)
+from .errors import SpvitError
+from .export import export_onnx
+from .flops import count_flops
+from .plan import METHODS, PlanError, PruningPlan, kept_count
+from .pruning import UnsupportedModelError, prune, pruning_state, unprune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "PlanError",
+    "PruningPlan",
+    "SpvitError",
+    "UnsupportedModelError",
+    "__version__",
+    "count_flops",
+    "export_onnx",
+    "kept_count",
+    "prune",
+    "pruning_state",
+    "unprune",
+]

@@ -1,0 +1,58 @@
+"""FLOPs of a model as it really runs (pruned or not), with attention counted.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts matrix products but not the fused
+``scaled_dot_product_attention`` kernel on CPU, which would hide exactly the N² term that
+token pruning shrinks. Fused attention is switched off on the model's own attention modules
+for the count, so q·kᵀ and attn·v are seen as the matmuls they are, then restored. The
+pruned model is run in eval mode, so the count reflects the real token counts per block.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import input_shape
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    macs: int  # multiply-accumulates: the "FLOPs" of the DeiT/SPViT papers (DeiT-S: 4.6 G)
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+    @property
+    def gflops(self) -> float:
+        return 2 * self.macs / 1e9
+
+
+@contextmanager
+def _unfused_attention(model: nn.Module):
+    changed = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in changed:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.fused_attn = True
+
+
+def count_flops(model: nn.Module, batch_size: int = 1) -> FlopCount:
+    """Multiply-accumulates of one forward of ``model`` in eval mode, per batch of ``batch_size``."""
+    was_training = model.training
+    model.eval()
+    ref = next(model.parameters())
+    x = torch.zeros(batch_size, *input_shape(model), device=ref.device, dtype=ref.dtype)
+    try:
+        with _unfused_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return FlopCount(macs=counter.get_total_flops() // 2)

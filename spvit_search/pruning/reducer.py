@@ -1,0 +1,94 @@
+"""One pruning stage: score the patch tokens, keep the best, fold the rest into a package token.
+
+Sequence layout throughout: ``[prefix tokens | patch tokens | package tokens]``. Prefix
+tokens (class, distillation, registers) are never scored; package tokens of earlier stages
+are never pruned again.
+
+* Inference (and every mode of a training-free scorer): exactly ``kept_count(keep, N)``
+  top-scored patches per image are gathered — deterministic, batched, static shapes, real
+  compute reduction.
+* Training with a learned selector: Gumbel-softmax straight-through keep decisions, multiplied
+  into the previous stage's mask (monotone), applied as attention masks by the patched
+  blocks; the sequence keeps its length so the whole batch trains together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..plan import kept_count
+from .package import fold_package
+from .state import PruneState
+
+
+def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, idx[b]]`` for every image: rows of the flattened batch, one ``Gather`` in ONNX.
+
+    (``torch.gather`` with the index expanded over channels exports as ``GatherElements`` on a
+    B×k×C index tensor, several times slower on ORT's CPU provider.)
+    """
+    b, n, c = tokens.shape
+    offsets = torch.arange(b, device=idx.device).unsqueeze(1) * n
+    return tokens.reshape(b * n, c)[(idx + offsets).reshape(-1)].reshape(b, -1, c)
+
+
+class TokenReducer(nn.Module):
+    def __init__(self, scorer: nn.Module, keep: float, package_token: bool, tau: float = 1.0) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.keep = keep
+        self.package_token = package_token
+        self.tau = tau
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, package_token={self.package_token}"
+
+    def forward(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
+        if state.num_patches is None:
+            state.num_patches = x.shape[1] - state.num_prefix - state.num_packages
+        if self.keep >= 1.0:
+            return x
+        if self.training and self.scorer.learned:
+            return self._mask(x, state)
+        return self._gather(x, state)
+
+    def _gather(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
+        p, n_pkg = state.num_prefix, state.num_packages
+        n = x.shape[1] - p - n_pkg
+        k = kept_count(self.keep, state.num_patches)
+        if k >= n:
+            return x
+        patches = x[:, p : p + n]
+        keep_logp = self.scorer(patches)[..., 1]  # (B, n)
+        idx = keep_logp.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        kept = gather_tokens(patches, idx)
+        parts = [x[:, :p], kept, x[:, p + n :]]
+        if self.package_token:
+            weights = keep_logp.exp().scatter(1, idx, 0.0)  # weights of the pruned tokens only
+            package, _ = fold_package(patches, weights)
+            parts.append(package)
+            state.num_packages += 1
+        return torch.cat(parts, dim=1)
+
+    def _mask(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
+        p, n = state.num_prefix, state.num_patches
+        patches = x[:, p : p + n]
+        prev = state.patch_policy
+        if prev is None:
+            prev = patches.new_ones(patches.shape[:2])
+        logp = self.scorer(patches, prev)
+        hard = F.gumbel_softmax(logp, tau=self.tau, hard=True)[..., 1]
+        policy = prev * hard
+        if self.package_token:
+            weights = prev * (1.0 - hard) * logp[..., 1].exp()
+            package, total = fold_package(patches, weights)
+            x = torch.cat([x, package], dim=1)
+            state.num_packages += 1
+            state.package_policy.append((total > 0).to(policy.dtype).detach())
+        state.patch_policy = policy
+        state.decisions.append(policy)
+        state.kept_fraction.append(policy.mean(dim=1))
+        state.targets.append(self.keep)
+        return x

@@ -1,0 +1,108 @@
+"""Token scorers: the learned multi-head token selector (SPViT) and class-token attention (EViT).
+
+Every scorer maps the current patch tokens ``(B, n, C)`` to log-probabilities ``(B, n, 2)``
+of ``[drop, keep]``. The stage logic (top-k, Gumbel masks, package token) lives in
+``reducer.py`` and is the same for every scorer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadTokenSelector(nn.Module):
+    """SPViT's multi-head token selector (MHTS).
+
+    The channels of each token are split like the attention heads. Each head's slice goes
+    through a small MLP shared by the heads; half of its hidden features stay local, the
+    other half are averaged over the tokens still kept (weighted by the previous keep mask,
+    so training and inference see the same global context). A per-token squeeze-excitation
+    branch weighs the heads, and the heads' keep distributions are mixed with those weights.
+    Heads attend to different things, so one token may matter to some heads only; the mixture
+    keeps such tokens unless the heads that care about them carry little weight.
+    """
+
+    learned = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        hidden_ratio: float = 1.0,
+        se_ratio: float = 0.0625,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        hidden = max(8, 2 * round(head_dim * hidden_ratio / 2))
+        se_hidden = max(4, round(dim * se_ratio))
+        self.in_norm = nn.LayerNorm(head_dim)
+        self.in_proj = nn.Sequential(nn.Linear(head_dim, hidden), nn.GELU())
+        self.out = nn.Sequential(
+            nn.Linear(hidden, hidden // 2),
+            nn.GELU(),
+            nn.Linear(hidden // 2, max(2, hidden // 4)),
+            nn.GELU(),
+            nn.Linear(max(2, hidden // 4), 2),
+        )
+        self.head_weights = nn.Sequential(nn.Linear(dim, se_hidden), nn.GELU(), nn.Linear(se_hidden, num_heads))
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        normed = self.in_norm(x.reshape(b, n, self.num_heads, c // self.num_heads))
+        h = self.in_proj(normed)
+        local, glob = h.chunk(2, dim=-1)
+        if policy is None:
+            glob = glob.mean(dim=1, keepdim=True)
+        else:
+            w = policy[:, :, None, None].to(glob.dtype)
+            glob = (glob * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        h = torch.cat([local, glob.expand_as(local)], dim=-1)
+        head_logp = F.log_softmax(self.out(h), dim=-1)  # (B, n, H, 2)
+        head_logw = F.log_softmax(self.head_weights(normed.reshape(b, n, c)), dim=-1)  # (B, n, H)
+        return torch.logsumexp(head_logp + head_logw[..., None], dim=2)
+
+
+class ClsAttentionScorer(nn.Module):
+    """EViT's score: how much the class token attends to each patch, averaged over heads.
+
+    Read from the attention of the block *before* the selector location: a forward hook on
+    that block's ``qkv`` projection keeps its output, and only the class-token row of the
+    attention is recomputed (O(N·C), negligible). Works with fused attention, qk-norm and
+    LayerScale because it uses the installed attention module's own fields.
+    """
+
+    learned = False
+
+    def __init__(self, attn: nn.Module, num_prefix: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_attn", attn)  # not a submodule: its weights belong to the block
+        self.num_prefix = num_prefix
+        self._qkv: torch.Tensor | None = None
+        self._hook = attn.qkv.register_forward_hook(self._keep_qkv)
+
+    def _keep_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._qkv = output
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self._qkv = None
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        qkv, attn = self._qkv, self._attn
+        if qkv is None:
+            raise RuntimeError("EViT scorer ran before the previous block's attention")
+        self._qkv = None
+        b, n_all, _ = qkv.shape
+        h, d = attn.num_heads, attn.head_dim
+        q = qkv[:, :1, : h * d].reshape(b, 1, h, d).transpose(1, 2)  # class token only: (B, H, 1, d)
+        k = qkv[:, :, h * d : 2 * h * d].reshape(b, n_all, h, d).transpose(1, 2)  # (B, H, N, d)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        cls_attn = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N)
+        n = x.shape[1]
+        a = cls_attn[:, self.num_prefix : self.num_prefix + n].clamp(1e-12, 1 - 1e-6)
+        return torch.stack([torch.log1p(-a), torch.log(a)], dim=-1)

@@ -1,0 +1,58 @@
+"""Per-forward bookkeeping shared by the patched modules of one model.
+
+Blocks of a pruned model must agree on where the prefix, patch and package tokens are and,
+in training, on which tokens are masked. Like ToMe's ``_tome_info``, one small object is
+shared by the model and its blocks and reset at the start of every forward. After a forward
+it holds what the training losses need (decisions, kept fractions, the final token policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_MASK_EPS = 1e-6  # log(policy + eps): masked keys get ~1e-6 of their weight, gradients stay finite
+
+
+@dataclass
+class PruneState:
+    num_prefix: int
+    num_patches: int | None = None  # patch tokens entering the first stage
+    num_packages: int = 0  # package tokens appended at the end of the sequence so far
+    patch_policy: torch.Tensor | None = None  # train: (B, num_patches) straight-through keep mask
+    package_policy: list[torch.Tensor] = field(default_factory=list)  # train: (B, 1) per package
+    decisions: list[torch.Tensor] = field(default_factory=list)  # train: cumulative keep mask per stage
+    kept_fraction: list[torch.Tensor] = field(default_factory=list)  # train: (B,) per stage
+    targets: list[float] = field(default_factory=list)  # keep ratio aimed at, per recorded stage
+    token_counts: list[int] = field(default_factory=list)  # tokens entering each block
+
+    def reset(self) -> None:
+        self.num_patches = None
+        self.num_packages = 0
+        self.patch_policy = None
+        self.package_policy = []
+        self.decisions = []
+        self.kept_fraction = []
+        self.targets = []
+        self.token_counts = []
+
+    @property
+    def policy(self) -> torch.Tensor | None:
+        """Train mode: keep mask over the whole sequence (prefix, patches, packages), or None."""
+        if self.patch_policy is None:
+            return None
+        p = self.patch_policy
+        parts = [p.new_ones(p.shape[0], self.num_prefix), p, *self.package_policy]
+        return torch.cat(parts, dim=1)
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive attention bias (B, 1, 1, N) that hides masked keys; None when nothing is masked.
+
+        ``log(policy)`` is the additive form of DynamicViT's masked softmax: keys with policy 0
+        get no weight, and the straight-through gradient reaches the selector through the mask.
+        """
+        policy = self.policy
+        if policy is None:
+            return None
+        return torch.log(policy.to(dtype) + _MASK_EPS)[:, None, None, :]
