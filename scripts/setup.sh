@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[test,tflite]'
 .venv/bin/python -c "import torch, timm, spvit_search; print('spvit-search', spvit_search.__version__, '| torch', torch.__version__, '| timm', timm.__version__)"

@@ -1,4 +1,4 @@
-"""ONNX export of a (pruned) model, and a check that onnxruntime agrees with torch.
+"""ONNX and TFLite export of a (pruned) model, and checks that the runtimes agree with torch.
 
 The token counts of a pruned model are static (``kept_count`` of the plan), so the graph has
 static shapes apart from an optional dynamic batch axis. The TorchScript-based exporter is
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import SpvitError
 from .models import input_shape
 
 INPUT_NAME = "image"
@@ -76,3 +77,42 @@ def onnx_max_abs_diff(model: nn.Module, path: str | Path, images: torch.Tensor) 
     model.train(was_training)
     out = onnx_session(path).run(None, {INPUT_NAME: images.cpu().numpy()})[0]
     return float(np.abs(out - ref).max())
+
+
+def export_tflite(model: nn.Module, path: str | Path, *, batch_size: int = 1) -> Path:
+    """Write ``model`` (eval mode, static shapes) to ``path`` as a LiteRT/TFLite flatbuffer.
+
+    Needs the optional converter: ``pip install 'spvit-search[tflite]'`` (litert-torch).
+    """
+    try:
+        import litert_torch
+    except ImportError:
+        raise SpvitError("TFLite export needs the optional converter: pip install 'spvit-search[tflite]'") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape(model))
+    try:
+        litert_torch.convert(model, (x,)).export(str(path))
+    finally:
+        model.train(was_training)
+    return path
+
+
+def tflite_runner(path: str | Path, threads: int = 1):
+    """A LiteRT interpreter for ``path``: returns ``run(*arrays) -> first output``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    interpreter.allocate_tensors()
+    inputs = [d["index"] for d in interpreter.get_input_details()]
+    output = interpreter.get_output_details()[0]["index"]
+
+    def run(*arrays):
+        for index, array in zip(inputs, arrays, strict=True):
+            interpreter.set_tensor(index, array)
+        interpreter.invoke()
+        return interpreter.get_tensor(output)
+
+    return run

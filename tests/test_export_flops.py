@@ -70,3 +70,16 @@ def test_flops_cli_json_and_errors():
     assert bad.exit_code == 2 and "must not increase" in bad.output
     bad = runner.invoke(main, ["flops", "--model", "deit_tiny_patch16_224", "--keep", "0.5,x"])
     assert bad.exit_code == 2 and "comma-separated" in bad.output
+
+
+def test_tflite_of_pruned_deit_tiny_matches_torch(tmp_path):
+    from spvit_search.export import export_tflite, tflite_runner
+
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    sp.prune(model, sp.PruningPlan(**PLAN, method="spvit"))
+    path = export_tflite(model, tmp_path / "m.tflite")
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    out = tflite_runner(path)(images.numpy())
+    assert abs(out - expected).max() <= 1e-4

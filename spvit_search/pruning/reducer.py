@@ -30,7 +30,7 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     B×k×C index tensor, several times slower on ORT's CPU provider.)
     """
     b, n, c = tokens.shape
-    offsets = torch.arange(b, device=idx.device).unsqueeze(1) * n
+    offsets = torch.arange(b, device=idx.device, dtype=idx.dtype).unsqueeze(1) * n
     return tokens.reshape(b * n, c)[(idx + offsets).reshape(-1)].reshape(b, -1, c)
 
 
@@ -62,7 +62,9 @@ class TokenReducer(nn.Module):
             return x
         patches = x[:, p : p + n]
         keep_logp = self.scorer(patches)[..., 1]  # (B, n)
-        idx = keep_logp.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        # Kept tokens come in score order: blocks are permutation-equivariant after the position
+        # embedding, and LiteRT has no kernel for sorting them back into image order.
+        idx = keep_logp.topk(k, dim=1, sorted=True).indices
         kept = gather_tokens(patches, idx)
         parts = [x[:, :p], kept, x[:, p + n :]]
         if self.package_token:
