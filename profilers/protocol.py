@@ -7,6 +7,7 @@ the median of each round, then the median of the rounds. p10/p90/mean/std are ov
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -52,21 +53,33 @@ def measure_interleaved(
     warmup: int = 3,
     rounds: int = 5,
     runs: int = 10,
+    min_round_ms: float = 20.0,
     seed: int = 0,
     on_round: Callable[[int], None] | None = None,
 ) -> dict[Hashable, Timing]:
-    """Time each zero-argument callable with the protocol above; returns one Timing per key."""
+    """Time each zero-argument callable with the protocol above; returns one Timing per key.
+
+    Each candidate runs at least ``runs`` times per round, more if that takes under
+    ``min_round_ms`` (estimated from its warm-up, at most 10 × ``runs``): sub-millisecond
+    parts then get enough samples for a stable median without slowing the large ones.
+    """
     rng = random.Random(seed)
     keys = list(candidates)
+    per_round: dict[Hashable, int] = {}
     for key in keys:
-        for _ in range(warmup):
+        warm = []
+        for _ in range(max(warmup, 2)):
+            start = time.perf_counter()
             candidates[key]()
+            warm.append((time.perf_counter() - start) * 1e3)
+        estimate = statistics.median(warm[1:])
+        per_round[key] = min(10 * runs, max(runs, math.ceil(min_round_ms / max(estimate, 1e-3))))
     times: dict[Hashable, list[list[float]]] = {k: [] for k in keys}
     for r in range(rounds):
         rng.shuffle(keys)
         for key in keys:
             fn, this_round = candidates[key], []
-            for _ in range(runs):
+            for _ in range(per_round[key]):
                 start = time.perf_counter()
                 fn()
                 this_round.append((time.perf_counter() - start) * 1e3)

@@ -98,5 +98,104 @@ def flops(model_name, keep, locations, method, package_token, as_json):
     click.echo(f"  reduction {result['reduction']:.3f}x   tokens per block {result['tokens_per_block']}")
 
 
+def devices_option(fn):
+    return click.option(
+        "--devices", "devices_file", default=None, type=click.Path(dir_okay=False),
+        help="device registry (default: $SPVIT_DEVICES, else ./devices.yaml, else only 'local')",
+    )(fn)  # fmt: skip
+
+
+def _registry(devices_file):
+    from .devices import DeviceRegistry
+
+    return DeviceRegistry.load(devices_file)
+
+
+@main.group(invoke_without_command=True)
+@devices_option
+@click.pass_context
+@user_errors
+def devices(ctx, devices_file):
+    """List the devices of the registry (or check one: devices check NAME)."""
+    ctx.obj = devices_file
+    if ctx.invoked_subcommand is not None:
+        return
+    registry = _registry(devices_file)
+    click.echo(f"devices in {registry.source}:")
+    for name in registry.names:
+        raw = registry.raw(name)
+        where = ""
+        if raw.get("ssh"):
+            where = f"{raw['ssh'].get('user', '?')}@{raw['ssh'].get('host', '?')}:{raw['ssh'].get('port', 22)}"
+        elif raw.get("adb"):
+            where = str(raw["adb"].get("serial", "?"))
+        click.echo(
+            f"  {name:14} {raw.get('transport', '?'):6} {raw.get('runtime', 'onnxruntime'):12} "
+            f"threads={raw.get('threads', 1):<3} {where:28} {raw.get('description', '')}"
+        )
+
+
+@devices.command("check")
+@click.argument("name")
+@click.pass_obj
+@user_errors
+def devices_check(devices_file, name):
+    """Reachability, runtime presence and version, CPU and thermal state of device NAME."""
+    from profilers import make_profiler
+
+    device = _registry(devices_file).get(name)
+    profiler = make_profiler(device)
+    failed = False
+    try:
+        profiler.open()
+    except Exception as err:  # the one place that reports instead of raising: say what failed
+        click.echo(f"  {'reach':12} FAIL  {err}")
+        sys.exit(2)
+    try:
+        for item in profiler.check():
+            failed |= not item.ok
+            click.echo(f"  {item.what:12} {'ok  ' if item.ok else 'FAIL'}  {item.detail}")
+    finally:
+        profiler.close()
+    if failed:
+        sys.exit(2)
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True, help="device name in the registry")
+@click.option("--model", "model_name", required=True, help="timm model name")
+@click.option("--tokens", default=None, help="token counts to measure (default: a sparse grid per part)")
+@click.option("--threads", type=int, default=None, help="override the device's thread count")
+@click.option("--rounds", type=int, default=5, show_default=True, help="interleaved rounds per point")
+@click.option("--runs", type=int, default=10, show_default=True, help="runs per point per round")
+@click.option("--force", is_flag=True, help="re-measure points already in the table")
+@click.option("--out", "root", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
+@click.option("--methods", default="spvit,hard,evit", show_default=True, help="selectors to measure")
+@devices_option
+@user_errors
+def profile(device_name, model_name, tokens, threads, rounds, runs, force, root, methods, devices_file):
+    """Measure per-part latency vs token count of MODEL on DEVICE into latency_tables/."""
+    from .plan import METHODS
+    from .profile import profile_model
+
+    device = _registry(devices_file).get(device_name)
+    if threads is not None:
+        device = device.model_copy(update={"threads": threads})
+    chosen = _parse_list(methods, str, "--methods")
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown methods {unknown}; known: {list(METHODS)}", param_hint="--methods")
+    result = profile_model(
+        device, model_name, root=root, tokens=_parse_list(tokens, int, "--tokens"), rounds=rounds, runs=runs,
+        force=force, methods=chosen,
+    )  # fmt: skip
+    click.echo(
+        f"{result.table}: {result.measured} points measured, {result.skipped} already there, "
+        f"{result.parts} parts, {result.seconds:.1f} s"
+    )
+    if result.plot:
+        click.echo(f"plot: {result.plot}")
+
+
 if __name__ == "__main__":
     main()
