@@ -1,0 +1,1 @@
+"""Real protocol peers for the tests: an OpenSSH server, an ADB device endpoint, a TCP proxy."""
