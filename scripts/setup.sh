@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# Create .venv and install spvit-search with its test tools, pinned by constraints.txt.
+# Set up spvit-search on a fresh machine:
+#  1. Debian packages the tests use as real peers: openssh-server (sshd) and adb (the official
+#     client), installed when missing and this user is root or has sudo (skip: SPVIT_NO_APT=1);
+#  2. .venv with spvit-search, its test tools and the TFLite extra, pinned by constraints.txt.
 # torch==2.13.0 resolves to the CPU build where one is offered (this project's machines);
 # elsewhere add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu to avoid CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ -z "${SPVIT_NO_APT:-}" ] && { [ ! -x /usr/sbin/sshd ] || ! command -v adb >/dev/null; }; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  echo "installing Debian packages: openssh-server adb"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends openssh-server adb >/dev/null
+fi
+
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
