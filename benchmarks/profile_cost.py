@@ -1,7 +1,7 @@
 """Cost and fidelity of `spvit-search profile` on this host.
 
-1. Profiles a model from an empty table on the local device (wall time of the whole
-   command's work: model, exports, measurements, table, plot) and counts the measured points
+1. Runs `spvit-search profile` from an empty table on the local device (wall time of the
+   whole command, interpreter start included) and counts the measured points
    against the dense alternative: every block at every token count (depth × N0 points).
 2. Fidelity of the sparse grid: measures, in one interleaved session, every grid point and
    held-out token counts (not on the grid) of the block, selector and head parts, fits each
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +28,9 @@ import numpy as np
 from profilers import Job, MeasureSettings, make_profiler
 from spvit_search.blocks import model_parts
 from spvit_search.devices import DeviceRegistry
-from spvit_search.latency import LatencyTable, fit_curve
+from spvit_search.latency import LatencyTable, fit_curve, table_path
 from spvit_search.models import create_model
-from spvit_search.profile import _artifact, profile_model
+from spvit_search.profile import _artifact
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,19 +38,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="deit_small_patch16_224")
     ap.add_argument("--device", default="local")
     ap.add_argument("--heldout", type=int, default=10, help="held-out token counts per checked part")
-    ap.add_argument("--rounds", type=int, default=7, help="rounds of the fidelity session")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of the fidelity session")
     ap.add_argument("--runs", type=int, default=10, help="runs per point per round in the fidelity session")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     device = DeviceRegistry.load().get(args.device)
     root = Path(tempfile.mkdtemp(prefix="spvit-profile-cost-"))
+    command = [sys.executable, "-m", "spvit_search.cli", "profile", "--device", args.device, "--model", args.model,
+               "--out", str(root)]  # fmt: skip
     start = time.perf_counter()
-    result = profile_model(device, args.model, root=root, progress=False)
+    done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(done.stderr)
+    measured = int(done.stdout.split(" points measured")[0].rsplit(" ", 1)[-1])
     model = create_model(args.model)
     dense_points = len(model.blocks) * (model.num_prefix_tokens + model.patch_embed.num_patches)
-    table = LatencyTable.open(result.table)
+    table = LatencyTable.open(table_path(root, device.name, device.runtime, device.threads, device.batch))
 
     rng = random.Random(0)
     jobs, held_of, parts = [], {}, [p for p in model_parts(model) if p.kind != "stem"]
@@ -78,12 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "device": args.device,
         "wall_s": round(wall, 1),
-        "measured_points": result.measured,
+        "command": " ".join(command[3:]),
+        "measured_points": measured,
         "dense_points": dense_points,
-        "reduction": round(dense_points / result.measured, 1),
+        "reduction": round(dense_points / measured, 1),
         "heldout": checks,
     }
-    print(f"{args.model} on {args.device}: complete table in {wall:.1f} s wall, {result.measured} measured points "
+    print(f"`spvit-search profile --device {args.device} --model {args.model}`: complete table in {wall:.1f} s wall, "
+          f"{measured} measured points "
           f"vs {dense_points} dense ({out['reduction']}x fewer)")  # fmt: skip
     print(f"{'part':34} {'median |err|':>12} {'max |err|':>10} {'table vs later':>15}")
     for c in checks:

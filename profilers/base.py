@@ -27,7 +27,7 @@ class ProfilerError(SpvitError):
 @dataclass(frozen=True)
 class MeasureSettings:
     warmup: int = 3
-    rounds: int = 5
+    rounds: int = 10
     runs: int = 10
     seed: int = 0
 

@@ -166,7 +166,7 @@ def devices_check(devices_file, name):
 @click.option("--model", "model_name", required=True, help="timm model name")
 @click.option("--tokens", default=None, help="token counts to measure (default: a sparse grid per part)")
 @click.option("--threads", type=int, default=None, help="override the device's thread count")
-@click.option("--rounds", type=int, default=5, show_default=True, help="interleaved rounds per point")
+@click.option("--rounds", type=int, default=10, show_default=True, help="interleaved rounds per point")
 @click.option("--runs", type=int, default=10, show_default=True, help="runs per point per round")
 @click.option("--force", is_flag=True, help="re-measure points already in the table")
 @click.option("--out", "root", default="latency_tables", show_default=True, type=click.Path(file_okay=False))

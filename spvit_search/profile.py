@@ -89,7 +89,7 @@ def profile_model(
     *,
     root: str | Path = DEFAULT_ROOT,
     tokens: tuple[int, ...] | None = None,
-    rounds: int = 5,
+    rounds: int = 10,
     warmup: int = 3,
     runs: int = 10,
     force: bool = False,
