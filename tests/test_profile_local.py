@@ -44,3 +44,16 @@ def test_profile_refuses_bad_input(tmp_path):
     assert out.exit_code == 2 and "not supported" in out.output
     out = runner.invoke(main, ["profile", "--model", MODEL, "--tokens", "5000", "--out", str(tmp_path)])
     assert out.exit_code == 2 and "outside" in out.output
+
+
+def test_profile_local_litert_runtime(tmp_path):
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("lite:\n  transport: local\n  runtime: tflite\n  threads: 1\n")
+    args = ["profile", "--device", "lite", "--devices", str(devices), "--model", MODEL, "--out", str(tmp_path),
+            "--methods", "evit", "--tokens", "70,197", "--rounds", "2", "--runs", "3"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    table = LatencyTable.open(tmp_path / "lite" / "tflite-t1-b1.csv")
+    assert len(table.rows) == 1 + 2 + 2 + 2  # stem, block, evit selector, head
+    assert table.rows.runtime_version.iloc[0].startswith("ai-edge-litert")
+    assert (table.rows.median_ms > 0).all()
