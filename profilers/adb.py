@@ -226,15 +226,17 @@ class AdbProfiler(Profiler):
             time.sleep(limit.cooldown_s)
 
     # -- measuring ------------------------------------------------------------------------------
-    def _command(self, remote: str, tokens: int, settings: MeasureSettings) -> str:
+    def _command(self, remote: str, tokens: int | None, settings: MeasureSettings) -> str:
         binary = shlex.quote(self.device.benchmark_binary)
         threads = self.device.threads
         if self.device.runtime == "tflite":
             args = [f"--graph={remote}", f"--num_threads={threads}", f"--num_runs={settings.runs}",
                     f"--warmup_runs={settings.warmup}"]  # fmt: skip
         else:
-            args = ["-e", "cpu", "-m", "times", "-r", str(settings.runs), "-x", str(threads), "-I",
-                    "-f", f"tokens:{tokens}", remote]  # fmt: skip
+            args = ["-e", "cpu", "-m", "times", "-r", str(settings.runs), "-x", str(threads), "-I"]
+            if tokens is not None:  # a free token axis: fix it for this run
+                args += ["-f", f"tokens:{tokens}"]
+            args.append(remote)
         command = f"{binary} {' '.join(shlex.quote(a) for a in args)}"
         if self.device.affinity:
             command = f"taskset {shlex.quote(self.device.affinity)} {command}"
@@ -254,7 +256,12 @@ class AdbProfiler(Profiler):
             for sig, n in job.points():
                 local = job.artifact.file_for(n)
                 calls.append(
-                    ToolCall((sig, n), self._command(f"parts/{local.name}", n, settings), remote[local], parse)
+                    ToolCall(
+                        (sig, n),
+                        self._command(f"parts/{local.name}", n if job.artifact.dynamic else None, settings),
+                        remote[local],
+                        parse,
+                    )
                 )
         return run_tool_rounds(
             calls, settings.rounds, lambda script: self.shell(script, "running a round of benchmarks"),

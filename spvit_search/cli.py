@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import sys
 
@@ -195,6 +196,181 @@ def profile(device_name, model_name, tokens, threads, rounds, runs, force, root,
     )
     if result.plot:
         click.echo(f"plot: {result.plot}")
+
+
+def _device(devices_file, name: str, threads: int | None):
+    device = _registry(devices_file).get(name)
+    return device if threads is None else device.model_copy(update={"threads": threads})
+
+
+def _prediction_line(pred) -> str:
+    return f"predicted {pred.total_ms:8.2f} ms  (sum of parts {pred.parts_ms:.2f} ms, {pred.calibration.describe()})"
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True)
+@plan_options
+@click.option("--threads", type=int, default=None, help="override the device's thread count")
+@click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@devices_option
+@user_errors
+def predict(device_name, model_name, keep, locations, method, package_token, threads, tables, as_json, devices_file):
+    """Predicted latency of MODEL under a plan on DEVICE, from its latency table, with a breakdown."""
+    import time
+
+    from .models import create_model
+    from .predictor import PlanLatency
+
+    device = _device(devices_file, device_name, threads)
+    model = create_model(model_name)
+    plan = build_plan(model, model_name, keep, locations, method, package_token)
+    latency = PlanLatency.for_device(device, model, model_name, root=tables)
+    start = time.perf_counter()
+    pred = latency.predict(plan)
+    cost_ms = (time.perf_counter() - start) * 1e3
+    if as_json:
+        out = {"model": model_name, "device": device.name, "plan": plan.to_dict(), **pred.as_dict(),
+               "table": str(latency.table.path), "prediction_cost_ms": round(cost_ms, 3)}  # fmt: skip
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"{model_name} {plan.method} keep={list(plan.keep)} at {list(plan.locations)} on {device.name} "
+               f"({device.runtime}, {device.threads} thread(s)), table {latency.table.path}")  # fmt: skip
+    click.echo(f"  {_prediction_line(pred)}")
+    stages = [0, *plan.locations, len(pred.blocks_ms)]
+    click.echo(f"  stem {pred.stem_ms:.3f} ms | head {pred.head_ms:.3f} ms | selectors "
+               + ", ".join(f"{s:.3f}" for s in pred.selectors_ms) + " ms")  # fmt: skip
+    for a, b in itertools.pairwise(stages):
+        if b > a:
+            click.echo(f"  blocks {a:2d}-{b - 1:2d} at {pred.tokens_per_block[a]:4d} tokens: "
+                       f"{sum(pred.blocks_ms[a:b]):8.3f} ms")  # fmt: skip
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True)
+@click.option("--model", "model_name", default=None, help="timm model (dense unless --keep)")
+@click.option("--keep", default=None, help="cumulative keep ratios, e.g. 0.7,0.49,0.343")
+@click.option("--locations", default=None)
+@click.option("--method", default="spvit", show_default=True)
+@click.option("--package-token/--no-package-token", default=None)
+@click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False), help="a plan.yaml")
+@click.option("--onnx", "onnx_file", default=None, type=click.Path(dir_okay=False), help="an ONNX file to time")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="weights for the model")
+@click.option("--threads", type=int, default=None)
+@click.option("--rounds", type=int, default=10, show_default=True)
+@click.option("--runs", type=int, default=10, show_default=True)
+@click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
+@click.option("--calibrate", is_flag=True, help="record this measurement in the table's calibration")
+@click.option("--json", "as_json", is_flag=True)
+@devices_option
+@user_errors
+def measure(device_name, model_name, keep, locations, method, package_token, plan_file, onnx_file, checkpoint,
+            threads, rounds, runs, tables, calibrate, as_json, devices_file):  # fmt: skip
+    """Export and time a whole model end to end on DEVICE; print measured vs predicted."""
+    from pathlib import Path
+
+    from profilers import MeasureSettings
+
+    from . import prune
+    from .errors import SpvitError
+    from .latency import LatencyTableError
+    from .measure import measure_models
+    from .models import create_model
+    from .plan import PruningPlan
+    from .predictor import PlanLatency
+
+    if sum(x is not None for x in (model_name, plan_file, onnx_file)) == 0:
+        raise click.UsageError("give --model (with --keep for a pruned one), --plan or --onnx")
+    if plan_file and (model_name is None) and keep is None:
+        plan = PruningPlan.load(plan_file)
+        model_name = plan.model
+        if model_name is None:
+            raise SpvitError(f"{plan_file} names no model; add 'model:' or pass --model")
+    elif plan_file:
+        raise click.UsageError("--plan already holds the model and keep ratios: drop --model/--keep")
+    else:
+        plan = None
+    device = _device(devices_file, device_name, threads)
+    model = None
+    if model_name is not None:
+        model = create_model(model_name, checkpoint=checkpoint).eval()
+        if plan is None:
+            from .plan import default_locations
+            from .pruning import family_for
+
+            depth = family_for(model).depth(model)
+            plan = (build_plan(model, model_name, keep, locations, method, package_token) if keep is not None
+                    else PruningPlan(locations=default_locations(depth, 1), keep=(1.0,), model=model_name))  # fmt: skip
+        if not plan.is_dense:
+            prune(model, plan)
+    target = Path(onnx_file) if onnx_file else model
+    timings, version = measure_models(device, {"model": target}, MeasureSettings(rounds=rounds, runs=runs))
+    timing = timings["model"]
+    pred, why = None, None
+    if model is not None:
+        try:
+            latency = PlanLatency.for_device(device, model, model_name, root=tables)
+            pred = latency.predict(plan)
+        except LatencyTableError as err:
+            why = str(err)
+    if calibrate:
+        if pred is None:
+            raise SpvitError(f"--calibrate needs a prediction: {why or 'give --model or --plan'}")
+        latency.add_calibration_points([(plan, timing.median_ms)])
+        pred = latency.predict(plan)
+    error = None if pred is None else (pred.total_ms - timing.median_ms) / timing.median_ms * 100
+    if as_json:
+        out = {"model": model_name, "onnx": onnx_file, "device": device.name, "runtime_version": version,
+               "threads": device.threads, "plan": plan.to_dict() if plan else None, "measured": timing.as_dict(),
+               "prediction": pred.as_dict() if pred else None, "error_pct": None if error is None else round(error, 2),
+               "no_prediction_because": why}  # fmt: skip
+        click.echo(json.dumps(out, indent=2))
+        return
+    what = onnx_file or f"{model_name} " + ("dense" if plan.is_dense else f"{plan.method} keep={list(plan.keep)}")
+    click.echo(f"{what} on {device.name} ({version}, {device.threads} thread(s))")
+    click.echo(f"  measured  {timing.median_ms:8.2f} ms  (median of {timing.rounds} rounds; "
+               f"p10 {timing.p10_ms:.2f}, p90 {timing.p90_ms:.2f})")  # fmt: skip
+    if pred is not None:
+        click.echo(f"  {_prediction_line(pred)}   error {error:+.1f}%")
+    elif why:
+        click.echo(f"  no prediction: {why}")
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True)
+@click.option("--model", "model_name", required=True)
+@click.option("--points", type=int, default=5, show_default=True, help="dense + plans spread down to ~35% latency")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False))
+@click.option("--threads", type=int, default=None)
+@click.option("--rounds", type=int, default=8, show_default=True)
+@click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@devices_option
+@user_errors
+def calibrate(device_name, model_name, points, checkpoint, threads, rounds, tables, as_json, devices_file):
+    """Fit MODEL's calibration (measured ≈ scale·sum of parts + offset) from whole-model runs."""
+    from profilers import MeasureSettings
+
+    from .measure import calibrate as run_calibration
+
+    if points < 2:
+        raise click.BadParameter("at least 2 points", param_hint="--points")
+    device = _device(devices_file, device_name, threads)
+    latency, measured, cal, version = run_calibration(
+        device, model_name, tables, points, MeasureSettings(rounds=rounds, runs=5), checkpoint
+    )
+    rows = [{"method": p.method, "keep": list(p.keep), "measured_ms": round(ms, 3),
+             "sum_of_parts_ms": round(latency.predict(p).parts_ms, 3),
+             "calibrated_ms": round(latency.predict(p).total_ms, 3)} for p, ms in measured]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps({"model": model_name, "device": device.name, "runtime_version": version,
+                               "scale": cal.scale, "offset_ms": cal.offset_ms, "points": rows}, indent=2))  # fmt: skip
+        return
+    click.echo(f"{model_name} on {device.name} ({version}, {device.threads} thread(s)): {cal.describe()}")
+    for r in rows:
+        click.echo(f"  {r['method']:6} keep={r['keep']!s:24} measured {r['measured_ms']:8.2f} ms   "
+                   f"sum of parts {r['sum_of_parts_ms']:8.2f}   calibrated {r['calibrated_ms']:8.2f}")  # fmt: skip
+    click.echo(f"stored in {latency.table.meta_path}")
 
 
 if __name__ == "__main__":

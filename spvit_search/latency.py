@@ -136,6 +136,49 @@ class LatencyTable:
             tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=False) + "\n")
             tmp.replace(self.meta_path)
 
+    @classmethod
+    def merged(cls, paths: list[str | Path]) -> LatencyTable:
+        """Rows of several tables of one runtime, threads and batch (the newest row wins)."""
+        tables = [cls.open(p) for p in paths]
+        for t in tables:
+            if not t.path.exists():
+                raise LatencyTableError(f"latency table {t.path} does not exist")
+        first = tables[0]
+        for t in tables[1:]:
+            for col in ("runtime", "threads", "batch"):
+                a, b = sorted(set(first.rows[col])), sorted(set(t.rows[col]))
+                if a != b:
+                    raise LatencyTableError(f"cannot merge {first.path} ({col} {a}) with {t.path} ({col} {b})")
+        rows = pd.concat([t.rows for t in tables], ignore_index=True)
+        meta = dict(first.meta)
+        meta["merged_from"] = [str(t.path) for t in tables]
+        return cls(rows, first.path, meta)
+
+    def check_setting(self, runtime: str, threads: int, batch: int) -> None:
+        """Refuse rows measured with another runtime, thread count or batch size."""
+        if not len(self.rows):
+            raise LatencyTableError(f"{self.path} has no rows")
+        for col, want in (("runtime", runtime), ("threads", threads), ("batch", batch)):
+            have = sorted(set(self.rows[col].tolist()))
+            if have != [want]:
+                raise LatencyTableError(
+                    f"{self.path} was measured with {col} {', '.join(map(str, have))}; this device runs {col} {want}"
+                )
+
+    def require(self, signatures: dict[str, str], hint: str) -> None:
+        """Refuse if a needed signature (value: what it is) has no rows, or too few to fit."""
+        present = set(self.signatures)
+        missing = [f"{sig} ({what})" for sig, what in signatures.items() if sig not in present]
+        if missing:
+            raise LatencyTableError(f"{self.path} has no rows for {'; '.join(missing)}. {hint}")
+        thin = [
+            s
+            for s, what in signatures.items()
+            if not what.startswith("stem") and self.points(s)["tokens"].nunique() < 2
+        ]
+        if thin:
+            raise LatencyTableError(f"{self.path} has fewer than 2 token counts for {', '.join(thin)}. {hint}")
+
     # -- queries --------------------------------------------------------------------------------
     @property
     def signatures(self) -> list[str]:

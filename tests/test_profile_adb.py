@@ -226,3 +226,18 @@ def test_numpy_checksum_equals_adb_shells(data):
     from profilers.adb import _PURE_PYTHON_CHECKSUM, numpy_checksum
 
     assert numpy_checksum(data) == _PURE_PYTHON_CHECKSUM(data)
+
+
+def test_measure_on_the_adb_phone(tmp_path, adb_key):
+    device, devices = _phone(tmp_path, adb_key)
+    assert _profile(devices, tmp_path / "tables").exit_code == 0
+    args = ["measure", "--device", "phone", "--devices", str(devices), "--model", MODEL, "--keep", "0.7,0.49,0.343",
+            "--tables", str(tmp_path / "tables"), "--rounds", "3", "--runs", "3", "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads(result.output)
+    assert data["runtime_version"].startswith("onnxruntime_perf_test") and data["measured"]["median_ms"] > 0
+    assert data["prediction"]["predicted_ms"] > 0 and abs(data["error_pct"]) < 50
+    device.close()

@@ -162,3 +162,18 @@ def test_devices_check_over_ssh(tmp_path, sshd):
 
         art = Artifact(part.signature, part.inputs, {None: export_part_onnx(part, tmp_path / "h.onnx")})
         profiler.measure([Job(art, (10,))], MeasureSettings(rounds=1, runs=1))
+
+
+def test_measure_on_the_ssh_board(tmp_path, sshd):
+    devices = _registry(tmp_path, sshd)
+    assert _profile(devices, tmp_path / "tables").exit_code == 0
+    args = ["measure", "--device", "board", "--devices", str(devices), "--model", MODEL, "--keep", "0.7,0.49,0.343",
+            "--tables", str(tmp_path / "tables"), "--rounds", "3", "--runs", "3", "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads(result.output)
+    assert data["device"] == "board" and data["runtime_version"].startswith("onnxruntime")
+    assert data["measured"]["median_ms"] > 0 and data["prediction"]["predicted_ms"] > 0
+    assert abs(data["error_pct"]) < 50  # same host underneath: the board's table predicts its own runs

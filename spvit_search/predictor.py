@@ -1,0 +1,212 @@
+"""Predicted latency of pruning plans on a device, from its latency table.
+
+``latency(plan) = stem + Σ blocks(tokens_i) + Σ active selectors(tokens in) + head(tokens_last)``
+with each part's fitted curve. Token counts follow the pruning mechanism exactly: a stage
+keeping everything (keep 1.0, or no fewer tokens than it receives) does nothing and adds no
+package token. Everything is numpy over a batch of plans, so the search can score thousands
+of candidates per millisecond.
+
+A sum of parts misses what only the whole model shows (fusion across blocks, cache state,
+thread-pool hand-offs), so a per-model calibration ``measured ≈ scale · predicted + offset``
+can be fitted from a few whole-model measurements (``spvit-search measure --calibrate``); it
+is kept in the table's metadata and reported with every prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from .blocks import block_signature, head_signature, selector_signature, stem_signature
+from .devices import DeviceConfig
+from .latency import LatencyTable, LatencyTableError, now_iso, table_path
+from .plan import METHODS, PruningPlan
+from .pruning import family_for
+
+
+@dataclass(frozen=True)
+class Calibration:
+    scale: float = 1.0
+    offset_ms: float = 0.0
+    points: int = 0
+
+    def __call__(self, ms):
+        return self.scale * np.asarray(ms) + self.offset_ms
+
+    def describe(self) -> str:
+        if not self.points:
+            return "uncalibrated"
+        return f"calibrated ×{self.scale:.3f} {self.offset_ms:+.2f} ms from {self.points} whole-model measurement(s)"
+
+
+def fit_calibration(predicted: list[float], measured: list[float]) -> Calibration:
+    """Scale and offset with 3+ points; a scale alone with 1–2 (an offset would fit noise)."""
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    if len(p) == 0:
+        return Calibration()
+    if len(p) < 3 or np.ptp(p) < 1e-9:
+        return Calibration(scale=float(np.median(m / p)), points=len(p))
+    scale, offset = np.polyfit(p, m, 1)
+    return Calibration(scale=float(scale), offset_ms=float(offset), points=len(p))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    total_ms: float  # calibrated when a calibration exists
+    parts_ms: float  # the plain sum of parts
+    stem_ms: float
+    blocks_ms: tuple[float, ...]
+    selectors_ms: tuple[float, ...]  # per stage (0 where the stage does nothing)
+    head_ms: float
+    tokens_per_block: tuple[int, ...]
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def as_dict(self) -> dict:
+        return {
+            "predicted_ms": round(self.total_ms, 4),
+            "sum_of_parts_ms": round(self.parts_ms, 4),
+            "calibration": {
+                "scale": self.calibration.scale,
+                "offset_ms": self.calibration.offset_ms,
+                "points": self.calibration.points,
+            },
+            "breakdown_ms": {
+                "stem": round(self.stem_ms, 4),
+                "blocks": [round(b, 4) for b in self.blocks_ms],
+                "selectors": [round(s, 4) for s in self.selectors_ms],
+                "head": round(self.head_ms, 4),
+            },
+            "tokens_per_block": list(self.tokens_per_block),
+        }
+
+
+class PlanLatency:
+    """Latency of plans for one model on one device, from a table that fits them."""
+
+    def __init__(
+        self, table: LatencyTable, model: nn.Module, model_name: str, methods: tuple[str, ...] = tuple(METHODS)
+    ):
+        family_for(model)
+        self.table, self.model_name = table, model_name
+        self.num_prefix = model.num_prefix_tokens
+        self.num_patches = model.patch_embed.num_patches
+        self.depth = len(model.blocks)
+        heads = model.blocks[0].attn.num_heads
+        blocks = [block_signature(b) for b in model.blocks]
+        self._stem, self._head = stem_signature(model), head_signature(model)
+        self._selectors = {m: selector_signature(m, model.embed_dim, heads, self.num_prefix) for m in methods}
+        need = {self._stem: "stem", self._head: "head", **{s: "blocks" for s in blocks}}
+        need.update({s: f"{m} selector" for m, s in self._selectors.items()})
+        hint = f"Measure them: spvit-search profile --model {model_name} (with the same device and threads)"
+        table.require(need, hint)
+        self._block_coef = np.array([[f.a, f.b, f.c] for f in (table.fit(s) for s in blocks)])  # (depth, 3)
+        self._stem_ms = float(table.fit(self._stem)(self.num_prefix + self.num_patches))
+        self._head_fit = table.fit(self._head)
+        self._selector_fit = {m: table.fit(s) for m, s in self._selectors.items()}
+        cal = table.meta.get("calibration", {}).get(model_name)
+        self.calibration = Calibration(cal["scale"], cal["offset_ms"], len(cal["points"])) if cal else Calibration()
+
+    @classmethod
+    def for_device(cls, device: DeviceConfig, model: nn.Module, model_name: str, root="latency_tables",
+                   methods: tuple[str, ...] = tuple(METHODS)) -> PlanLatency:  # fmt: skip
+        path = table_path(root, device.name, device.runtime, device.threads, device.batch)
+        if not path.exists():
+            raise LatencyTableError(
+                f"no latency table {path} for device {device.name!r} ({device.runtime}, {device.threads} thread(s), "
+                f"batch {device.batch}): spvit-search profile --device {device.name} --model {model_name}"
+                + (f" --threads {device.threads}" if device.threads != 1 else "")
+            )
+        table = LatencyTable.open(path)
+        table.check_setting(device.runtime, device.threads, device.batch)
+        return cls(table, model, model_name, methods)
+
+    # -- vectorised core ------------------------------------------------------------------------
+    def tokens(self, keep: np.ndarray, locations: tuple[int, ...], package: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens entering each block (P, depth) and which stages act (P, S), for P plans."""
+        keep = np.atleast_2d(np.asarray(keep, dtype=float))
+        plans = keep.shape[0]
+        np_, p = self.num_patches, self.num_prefix
+        tokens = np.full((plans, self.depth), p + np_, dtype=np.int64)
+        active = np.zeros(keep.shape, dtype=bool)
+        n_prev = np.full(plans, np_, dtype=np.int64)
+        packages = np.zeros(plans, dtype=np.int64)
+        for s, loc in enumerate(locations):
+            k = np.maximum(1, np.floor(keep[:, s] * np_ + 0.5).astype(np.int64))
+            act = (keep[:, s] < 1.0) & (k < n_prev)
+            n_prev = np.where(act, k, n_prev)
+            packages = packages + (act & package)
+            tokens[:, loc:] = (p + n_prev + packages)[:, None]
+            active[:, s] = act
+        return tokens, active
+
+    def predict_many(self, keep: np.ndarray, locations: tuple[int, ...], method: str = "spvit",
+                     package: bool | None = None, calibrated: bool = True) -> np.ndarray:  # fmt: skip
+        """Predicted ms for each row of ``keep`` (P, stages)."""
+        package = METHODS[method].package_token_default if package is None else package
+        tokens, active = self.tokens(keep, locations, package)
+        t = tokens.astype(float)
+        c = self._block_coef
+        total = self._stem_ms + (c[:, 0] + c[:, 1] * t + c[:, 2] * t * t).sum(axis=1)
+        total = total + self._head_fit(t[:, -1])
+        sel = self._selector_fit[method]
+        for s, loc in enumerate(locations):
+            entering = t[:, loc - 1] if loc > 0 else np.full(len(t), self.num_prefix + self.num_patches, float)
+            total = total + np.where(active[:, s], sel(entering), 0.0)
+        return self.calibration(total) if calibrated else total
+
+    def predict(self, plan: PruningPlan) -> Prediction:
+        plan.check_depth(self.depth)
+        tokens, active = self.tokens(np.array([plan.keep]), plan.locations, plan.package_token)
+        t = tokens[0].astype(float)
+        c = self._block_coef
+        blocks = c[:, 0] + c[:, 1] * t + c[:, 2] * t * t
+        sel = self._selector_fit[plan.method]
+        selectors = [
+            float(sel(t[loc - 1] if loc > 0 else self.num_prefix + self.num_patches)) if active[0, s] else 0.0
+            for s, loc in enumerate(plan.locations)
+        ]
+        head = float(self._head_fit(t[-1]))
+        parts = self._stem_ms + float(blocks.sum()) + sum(selectors) + head
+        return Prediction(
+            total_ms=float(self.calibration(parts)), parts_ms=parts, stem_ms=self._stem_ms,
+            blocks_ms=tuple(float(b) for b in blocks), selectors_ms=tuple(selectors), head_ms=head,
+            tokens_per_block=tuple(int(n) for n in tokens[0]), calibration=self.calibration,
+        )  # fmt: skip
+
+    # -- calibration ----------------------------------------------------------------------------
+    def add_calibration_points(self, measured: list[tuple[PruningPlan, float]], replace: bool = False) -> Calibration:
+        """Record whole-model measurements (plan, ms) and refit this model's calibration."""
+        entry = self.table.meta.setdefault("calibration", {}).setdefault(self.model_name, {"points": []})
+        if replace:
+            entry["points"] = []
+        stamp = now_iso()
+        for plan, ms in measured:
+            entry["points"].append({
+                "method": plan.method, "locations": list(plan.locations), "keep": list(plan.keep),
+                "predicted_ms": self.predict(plan).parts_ms, "measured_ms": ms, "measured_at": stamp,
+            })  # fmt: skip
+        cal = fit_calibration([p["predicted_ms"] for p in entry["points"]], [p["measured_ms"] for p in entry["points"]])
+        entry.update(scale=cal.scale, offset_ms=cal.offset_ms)
+        self.table.save_meta()
+        self.calibration = cal
+        return cal
+
+
+def calibration_plans(depth: int, model_name: str, count: int = 5) -> list[PruningPlan]:
+    """The dense model and plans spread evenly down to ~35% of its latency, methods alternating.
+
+    Spread matters: scale and offset fitted to points that sit close together extrapolate badly
+    (seen here: 3 clustered points gave 2.5% median error where 5 spread ones give < 1%).
+    """
+    from .plan import default_locations
+
+    locations = default_locations(depth, 3)
+    plans = [PruningPlan(locations=locations, keep=(1.0,) * 3, model=model_name)]
+    methods = list(METHODS)
+    for i in range(1, count):
+        r = 1.0 - 0.6 * i / max(1, count - 1)  # per-stage ratio from ~0.85 down to 0.4
+        keep = (round(r, 3), round(r**2, 3), round(r**3, 3))
+        plans.append(PruningPlan(locations=locations, keep=keep, method=methods[i % len(methods)], model=model_name))
+    return plans

@@ -1,0 +1,200 @@
+"""Latency prediction from a table: exact token counts, vectorised, refusals, calibration."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import spvit_search as sp
+from spvit_search.blocks import model_parts
+from spvit_search.cli import main
+from spvit_search.devices import DeviceRegistry
+from spvit_search.latency import LatencyTable, LatencyTableError, table_path
+from spvit_search.models import create_model
+from spvit_search.predictor import PlanLatency, fit_calibration
+
+MODEL = "deit_tiny_patch16_224"
+
+
+def _synthetic_table(tmp_path, model, threads=1, batch=1, runtime="onnxruntime", device="local"):
+    """A table with known curves: every part costs 0.5 + 0.01·N + 1e-5·N² ms."""
+    rows = []
+    for part in model_parts(model):
+        for n in part.grid:
+            ms = 0.5 + 0.01 * n + 1e-5 * n * n
+            rows.append({"signature": part.signature, "tokens": n, "median_ms": ms, "p10_ms": ms, "p90_ms": ms,
+                         "mean_ms": ms, "std_ms": 0.0, "runs": 10, "rounds": 5, "runtime": runtime,
+                         "runtime_version": "test", "threads": threads, "batch": batch,
+                         "measured_at": "2026-01-01T00:00:00+00:00"})  # fmt: skip
+    path = table_path(tmp_path, device, runtime, threads, batch)
+    table = LatencyTable.open(path)
+    table.append(rows)
+    table.save_meta()
+    return path
+
+
+def _random_plans(n, depth=12, seed=0):
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(n):
+        locs = tuple(sorted(rng.sample(range(1, depth), rng.randint(1, 4))))
+        keep, k = [], 1.0
+        for _ in locs:
+            k *= rng.choice([1.0, rng.uniform(0.2, 1.0)])
+            keep.append(round(k, 3))
+        plans.append(sp.PruningPlan(locations=locs, keep=tuple(keep), method=rng.choice(list(sp.METHODS))))
+    return plans
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(MODEL)
+
+
+def test_vectorised_token_counts_equal_the_pruning_mechanism(tmp_path, model):
+    latency = PlanLatency(LatencyTable.open(_synthetic_table(tmp_path, model)), model, MODEL)
+    for plan in _random_plans(200):
+        tokens, _ = latency.tokens(np.array([plan.keep]), plan.locations, plan.package_token)
+        assert tuple(tokens[0]) == plan.tokens_per_block(model), plan
+
+
+def test_prediction_is_the_sum_of_parts_and_batches_agree(tmp_path, model):
+    latency = PlanLatency(LatencyTable.open(_synthetic_table(tmp_path, model)), model, MODEL)
+    curve = lambda n: 0.5 + 0.01 * n + 1e-5 * n * n  # noqa: E731
+    plan = sp.PruningPlan(locations=(3, 6, 9), keep=(0.7, 0.49, 0.343))
+    pred = latency.predict(plan)
+    tokens = plan.tokens_per_block(model)
+    assert pred.blocks_ms == pytest.approx([curve(n) for n in tokens])
+    assert pred.selectors_ms == pytest.approx([curve(197), curve(tokens[5]), curve(tokens[8])])
+    assert pred.total_ms == pytest.approx(curve(197) + sum(pred.blocks_ms) + sum(pred.selectors_ms) + curve(tokens[-1]))
+    dense = latency.predict(sp.PruningPlan(locations=(6,), keep=(1.0,)))
+    assert dense.selectors_ms == (0.0,) and dense.total_ms == pytest.approx(curve(197) * 14)
+    for method in sp.METHODS:
+        same = [p.replace(method=method, package_token=None) for p in _random_plans(30) if len(p.locations) == 3]
+        many = latency.predict_many(np.array([p.keep for p in same]), same[0].locations, method)
+        fixed = [p.replace(locations=same[0].locations) for p in same]
+        assert many == pytest.approx([latency.predict(p).total_ms for p in fixed])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"threads": 2}, "threads 2; this device runs threads 1"), ({"batch": 4}, "batch 4; this device runs batch 1")],
+)
+def test_tables_of_other_threads_or_batch_are_refused(tmp_path, model, setting, message):
+    path = _synthetic_table(tmp_path, model, **setting)
+    table = LatencyTable.open(path)
+    with pytest.raises(LatencyTableError, match=message):
+        table.check_setting("onnxruntime", 1, 1)
+    with pytest.raises(LatencyTableError, match="runtime onnxruntime; this device runs runtime tflite"):
+        table.check_setting("tflite", setting.get("threads", 1), setting.get("batch", 1))
+
+
+def test_table_of_other_signatures_is_refused(tmp_path, model):
+    other = create_model("deit_small_patch16_224")
+    table = LatencyTable.open(_synthetic_table(tmp_path, model))
+    with pytest.raises(
+        LatencyTableError, match=r"no rows for .*vit_block-d384-h6-mlp4 \(blocks\).*spvit-search profile"
+    ):
+        PlanLatency(table, other, "deit_small_patch16_224")
+
+
+def test_missing_table_names_the_profile_command(tmp_path, model):
+    device = DeviceRegistry.load().get("local").model_copy(update={"threads": 2})
+    with pytest.raises(LatencyTableError, match=f"spvit-search profile --device local --model {MODEL} --threads 2"):
+        PlanLatency.for_device(device, model, MODEL, root=tmp_path)
+
+
+def test_merging_tables(tmp_path, model):
+    a = _synthetic_table(tmp_path / "a", model)
+    b = _synthetic_table(tmp_path / "b", model, threads=2)
+    with pytest.raises(LatencyTableError, match="cannot merge"):
+        LatencyTable.merged([a, b])
+    c = _synthetic_table(tmp_path / "c", model)
+    merged = LatencyTable.merged([a, c])
+    assert len(merged.rows) == len(LatencyTable.open(a).rows)
+
+
+def test_calibration_is_fitted_stored_and_reported(tmp_path, model):
+    assert fit_calibration([10.0], [11.0]).scale == pytest.approx(1.1)
+    cal = fit_calibration([10.0, 20.0, 40.0], [12.0, 22.0, 42.0])
+    assert cal.scale == pytest.approx(1.0) and cal.offset_ms == pytest.approx(2.0) and cal.points == 3
+    path = _synthetic_table(tmp_path, model)
+    latency = PlanLatency(LatencyTable.open(path), model, MODEL)
+    plans = _random_plans(3, seed=4)
+    for plan in plans:
+        latency.add_calibration_points([(plan, latency.predict(plan).parts_ms * 1.05 + 0.3)])
+    again = PlanLatency(LatencyTable.open(path), model, MODEL)  # read back from the metadata
+    assert again.calibration.scale == pytest.approx(1.05) and again.calibration.offset_ms == pytest.approx(0.3)
+    pred = again.predict(plans[0])
+    assert pred.total_ms == pytest.approx(pred.parts_ms * 1.05 + 0.3)
+    assert "calibrated ×1.050 +0.30 ms from 3" in again.calibration.describe()
+    assert json.loads(path.with_suffix(".meta.json").read_text())["calibration"][MODEL]["points"][0]["measured_ms"] > 0
+
+
+def test_predict_cli_breakdown_and_errors(tmp_path, model):
+    _synthetic_table(tmp_path, model)
+    runner = CliRunner()
+    args = ["predict", "--model", MODEL, "--keep", "0.7,0.49,0.343", "--tables", str(tmp_path)]
+    out = runner.invoke(main, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["tokens_per_block"][-1] == 71 and len(data["breakdown_ms"]["blocks"]) == 12
+    assert data["prediction_cost_ms"] < 5
+    human = runner.invoke(main, args)
+    assert "blocks  9-11 at   71 tokens" in human.output
+    wrong = runner.invoke(main, [*args, "--threads", "2"])
+    assert wrong.exit_code == 2 and "no latency table" in wrong.output
+
+
+def test_measure_locally_with_calibration(tmp_path, model):
+    runner = CliRunner()
+    prof = runner.invoke(main, ["profile", "--model", MODEL, "--out", str(tmp_path), "--rounds", "3", "--runs", "3"])
+    assert prof.exit_code == 0, prof.output
+    args = [
+        "measure",
+        "--model",
+        MODEL,
+        "--keep",
+        "0.7,0.49",
+        "--tables",
+        str(tmp_path),
+        "--rounds",
+        "3",
+        "--runs",
+        "3",
+    ]
+    out = runner.invoke(main, [*args, "--calibrate", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["measured"]["median_ms"] > 0 and data["prediction"]["calibration"]["points"] == 1
+    # one point: the calibrated prediction reproduces that measurement
+    assert data["error_pct"] == pytest.approx(0.0, abs=1e-6)
+    plan = sp.PruningPlan(locations=(4, 8), keep=(0.7, 0.49), model=MODEL)
+    plan_file = plan.save(tmp_path / "plan.yaml")
+    by_plan = runner.invoke(main, ["measure", "--plan", str(plan_file), "--tables", str(tmp_path), "--rounds", "2"])
+    assert by_plan.exit_code == 0 and "predicted" in by_plan.output and "error" in by_plan.output
+    onnx = sp.export_onnx(create_model(MODEL).eval(), tmp_path / "dense.onnx")
+    by_file = runner.invoke(main, ["measure", "--onnx", str(onnx), "--rounds", "2"])
+    assert by_file.exit_code == 0 and "measured" in by_file.output
+    assert runner.invoke(main, ["measure"]).exit_code == 2
+    bad = runner.invoke(main, ["measure", "--onnx", str(tmp_path / "plan.yaml")])
+    assert bad.exit_code == 2 and "not a readable ONNX model" in bad.output
+
+
+def test_calibrate_command_measures_spread_plans_and_stores_them(tmp_path, model):
+    runner = CliRunner()
+    prof = runner.invoke(main, ["profile", "--model", MODEL, "--out", str(tmp_path), "--rounds", "2", "--runs", "3"])
+    assert prof.exit_code == 0, prof.output
+    out = runner.invoke(main, ["calibrate", "--model", MODEL, "--tables", str(tmp_path), "--points", "3",
+                               "--rounds", "2", "--json"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    measured = [p["measured_ms"] for p in data["points"]]
+    assert len(measured) == 3 and measured[0] == max(measured)  # the dense model first, the slowest
+    assert data["points"][0]["keep"] == [1.0, 1.0, 1.0]
+    meta = json.loads((tmp_path / "local" / "onnxruntime-t1-b1.meta.json").read_text())
+    assert len(meta["calibration"][MODEL]["points"]) == 3 and meta["calibration"][MODEL]["scale"] > 0
+    pred = runner.invoke(main, ["predict", "--model", MODEL, "--keep", "0.7", "--tables", str(tmp_path)])
+    assert "calibrated ×" in pred.output
