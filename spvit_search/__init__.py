@@ -7,7 +7,10 @@ model.eval()(images)                      # deterministic, batched, real speedup
 sp.export_onnx(model, "m.onnx")           # static token counts from the plan
 """
 
-from . import _compat  # noqa: F401  (must run before timm is imported)
+from . import (
+    _compat,  # noqa: F401  (must run before timm is imported)
+    zoo,  # noqa: F401  (registers vit_demo_digits with timm)
+)
 from .errors import SpvitError
 from .export import export_onnx
 from .flops import count_flops

@@ -373,5 +373,275 @@ def calibrate(device_name, model_name, points, checkpoint, threads, rounds, tabl
     click.echo(f"stored in {latency.table.meta_path}")
 
 
+def train_options(fn):
+    """Options shared by train and finetune."""
+    options = [
+        click.option("--data", default="demo", show_default=True, help="'demo' or an ImageFolder root"),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="global batch"),
+        click.option("--weight-decay", type=float, default=0.05, show_default=True),
+        click.option("--augment/--no-augment", default=True, show_default=True),
+        click.option("--resume/--no-resume", default=True, show_default=True, help="continue from OUT/last.pt"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--workers", type=int, default=0, show_default=True, help="data loader processes"),
+        click.option("--device", "torch_device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _final_test(model, data: str, result) -> float:
+    """Top-1 on the test split, printed once (rank 0)."""
+    import os
+
+    import torch
+
+    from .data import build_dataset
+    from .train import evaluate
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return float("nan")
+    acc, _ = evaluate(model, build_dataset(data, "test", model), torch.device("cpu") if not next(
+        model.parameters()).is_cuda else next(model.parameters()).device)  # fmt: skip
+    click.echo(f"test top-1 {acc:.2f}% (eval split {result.eval_acc:.2f}%); weights: {result.model_file}")
+    return acc
+
+
+@main.command()
+@click.option("--model", "model_name", default="vit_demo_digits", show_default=True, help="timm model name")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="initial weights")
+@click.option("--out", default="runs/dense", show_default=True, type=click.Path(file_okay=False))
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--warmup-epochs", type=float, default=3.0, show_default=True)
+@train_options
+@user_errors
+def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, batch_size, weight_decay, augment, resume,
+          seed, workers, torch_device):  # fmt: skip
+    """Train a dense model (the demo's model and teacher by default) from scratch or a checkpoint."""
+    import torch
+
+    from .data import num_classes
+    from .models import build_model
+    from .train import TrainConfig, fit
+
+    torch.manual_seed(seed)  # the same initial weights in every process and every rerun
+    model = build_model(model_name, checkpoint, num_classes=num_classes(data))
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      warmup_epochs=warmup_epochs, augment=augment, seed=seed, workers=workers, device=torch_device,
+                      resume=resume)  # fmt: skip
+    result = fit(model, data, cfg, out, model_name=model_name)
+    _final_test(model, data, result)
+
+
+@main.command()
+@click.option("--plan", "plan_file", required=True, type=click.Path(dir_okay=False), help="plan.yaml (from optimize)")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="dense weights of plan.model")
+@click.option(
+    "--teacher", default=None, type=click.Path(dir_okay=False), help="teacher weights (default: --checkpoint)"
+)
+@click.option("--out", default="runs/finetune", show_default=True, type=click.Path(file_okay=False))
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="backbone learning rate")
+@click.option(
+    "--selector-lr-scale", type=float, default=10.0, show_default=True, help="selectors learn this much faster"
+)
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
+@click.option("--selector-warmup", type=int, default=1, show_default=True, help="epochs training only the selectors")
+@click.option("--ratio-weight", type=float, default=50.0, show_default=True, help="kept fraction vs target")
+@click.option("--distill-weight", type=float, default=0.5, show_default=True, help="logits KL to the teacher")
+@click.option("--token-weight", type=float, default=0.5, show_default=True, help="MSE on kept tokens")
+@click.option("--latency-weight", type=float, default=0.0, show_default=True, help="latency-aware loss weight")
+@click.option("--target-ms", type=float, default=None, help="latency target of the latency-aware loss")
+@click.option("--latency-device", default=None, help="device whose table the latency loss reads (default: plan's)")
+@click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
+@train_options
+@devices_option
+@user_errors
+def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale, warmup_epochs, selector_warmup,
+             ratio_weight,
+             distill_weight, token_weight, latency_weight, target_ms, latency_device, tables, data, batch_size,
+             weight_decay, augment, resume, seed, workers, torch_device, devices_file):  # fmt: skip
+    """Soft-pruning fine-tune of plan.model under PLAN: task + ratio + distillation (+ latency) loss."""
+    from pathlib import Path
+
+    import torch
+
+    from .data import num_classes
+    from .errors import SpvitError
+    from .losses import LatencyPenalty
+    from .models import build_model
+    from .plan import PruningPlan
+    from .train import TrainConfig, fit
+
+    plan = PruningPlan.load(plan_file)
+    if plan.model is None:
+        raise SpvitError(f"{plan_file} names no model (key 'model')")
+    classes = num_classes(data)
+    torch.manual_seed(seed)  # the same fresh selectors in every process and every rerun
+    teacher_model = None
+    if teacher or checkpoint:
+        teacher_model = build_model(plan.model, teacher or checkpoint, num_classes=classes).eval()
+    else:
+        click.echo("warning: no --checkpoint or --teacher: fine-tuning from random weights without distillation")
+    model = build_model(plan.model, checkpoint, plan, num_classes=classes)
+    penalty = None
+    if latency_weight > 0:
+        target_ms = target_ms or plan.target_ms
+        if target_ms is None:
+            raise SpvitError("--latency-weight needs --target-ms (or a plan with target_ms)")
+        from .predictor import PlanLatency
+
+        device = _registry(devices_file).get(latency_device or plan.device or "local")
+        latency = PlanLatency.for_device(device, build_model(plan.model, num_classes=classes), plan.model, root=tables)
+        penalty = LatencyPenalty(latency, plan, target_ms)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      warmup_epochs=warmup_epochs, selector_warmup_epochs=selector_warmup, ratio_weight=ratio_weight,
+                      selector_lr_scale=selector_lr_scale,
+                      distill_weight=distill_weight if teacher_model is not None else 0.0,
+                      token_distill_weight=token_weight if teacher_model is not None else 0.0,
+                      latency_weight=latency_weight, augment=augment, seed=seed, workers=workers,
+                      device=torch_device, resume=resume)  # fmt: skip
+    result = fit(model, data, cfg, out, model_name=plan.model, plan=plan, teacher=teacher_model,
+                 latency_penalty=penalty)  # fmt: skip
+    plan.save(Path(out) / "plan.yaml")
+    _final_test(model, data, result)
+
+
+@main.command()
+@click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False), help="plan.yaml of the model")
+@click.option("--model", "model_name", default=None, help="timm model (a dense export, without --plan)")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="weights (fine-tuned or dense)")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="output file (default: beside --checkpoint)")
+@click.option("--data", default="demo", show_default=True, help="data whose test split verifies the export")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="compare top-1 with torch on test")
+@user_errors
+def export(plan_file, model_name, checkpoint, fmt, out, data, verify):
+    """Export a (fine-tuned) pruned model to ONNX or TFLite and check it agrees with torch."""
+    from pathlib import Path
+
+    from .errors import SpvitError
+    from .export import export_onnx, export_tflite, verify_export
+    from .models import build_model
+    from .plan import PruningPlan
+
+    plan = PruningPlan.load(plan_file) if plan_file else None
+    name = model_name or (plan.model if plan else None)
+    if name is None:
+        raise SpvitError("give --plan (with a model) or --model")
+    model = build_model(name, checkpoint, plan).eval()
+    if out is None:
+        base = Path(checkpoint).with_suffix("") if checkpoint else Path(name)
+        out = base.with_name(base.name + ("-pruned" if plan and not plan.is_dense else "")).with_suffix(f".{fmt}")
+    path = (export_onnx if fmt == "onnx" else export_tflite)(model, out)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if verify:
+        report = verify_export(model, path, data)
+        click.echo(f"test split: torch top-1 {report['torch_acc']:.2f}%, {fmt} top-1 {report['export_acc']:.2f}%, "
+                   f"same top-1 on {report['agree']}/{report['images']} images")  # fmt: skip
+        if report["agree"] != report["images"]:
+            raise SpvitError(f"{report['images'] - report['agree']} test images get another top-1 from {path}")
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True)
+@click.option("--model", "model_name", required=True, help="timm model name")
+@click.option("--target-ms", type=float, required=True, help="latency budget on the device")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="plain (evit) or fine-tuned weights")
+@click.option("--data", default="demo", show_default=True, help="calibration images: 'demo' or an ImageFolder root")
+@click.option("--calib-images", type=int, default=256, show_default=True)
+@click.option("--objective", type=click.Choice(["accuracy", "agreement"]), default="accuracy", show_default=True,
+              help="top-1 vs labels, or vs the dense model's top-1 (no labels needed)")  # fmt: skip
+@click.option("--method", "methods", default="evit", show_default=True, help="method(s), e.g. evit or spvit")
+@click.option("--locations", default=None, help="selector locations (default: evenly spaced / the checkpoint's)")
+@click.option("--search-locations", is_flag=True, help="search the locations too (training-free methods)")
+@click.option("--stages", type=int, default=3, show_default=True)
+@click.option("--trials", type=int, default=300, show_default=True)
+@click.option("--min-keep-factor", type=float, default=0.3, show_default=True, help="smallest per-stage keep factor")
+@click.option("--step", type=float, default=0.05, show_default=True, help="grid of the keep factors")
+@click.option("--storage", default=None, help="journal:FILE, sqlite:///FILE or a PostgreSQL URL (resumable)")
+@click.option("--study", "study_name", default=None, help="study name in the storage")
+@click.option("--workers", type=int, default=1, show_default=True, help="processes on the shared storage")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--multi-objective", is_flag=True, help="accuracy vs latency Pareto front")
+@click.option(
+    "--verify-top", type=int, default=3, show_default=True, help="candidates measured on the device (0: none)"
+)
+@click.option("--threads", type=int, default=None)
+@click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="plan.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_file", default=None, type=click.Path(dir_okay=False), help="PNG (default: beside --out)")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--worker", is_flag=True, hidden=True)
+@devices_option
+@click.pass_context
+@user_errors
+def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_images, objective, methods, locations,
+             search_locations, stages, trials, min_keep_factor, step, storage, study_name, workers, sampler, seed,
+             multi_objective, verify_top, threads, tables, out, plot_file, as_json, worker, devices_file):  # fmt: skip
+    """Search keep ratios that meet --target-ms on DEVICE with the best accuracy; write plan.yaml."""
+    from pathlib import Path
+
+    from .optimize import OptimizeSettings, plot_trials, run_study
+    from .optimize import optimize as run_optimize
+
+    chosen = _parse_list(methods, str, "--method")
+    unknown = [m for m in chosen if m not in __import__("spvit_search").METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method(s) {unknown}", param_hint="--method")
+    device = _device(devices_file, device_name, threads)
+    settings = OptimizeSettings(
+        target_ms=target_ms, checkpoint=checkpoint, data=data, calib_images=calib_images, objective=objective,
+        methods=chosen, locations=_parse_list(locations, int, "--locations"), search_locations=search_locations,
+        stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
+        workers=workers, sampler=sampler, seed=None if worker else seed, multi_objective=multi_objective,
+        verify_top=verify_top, tables=tables, progress=not as_json,
+    )  # fmt: skip
+    if worker:
+        run_study(model_name, device, settings, worker_only=True)
+        return
+    argv = [a for a in sys.argv[1:] if a != "--worker"]
+    result = run_optimize(model_name, device, settings, out, worker_argv=argv)
+    png = plot_trials(result, settings, plot_file or Path(out).with_suffix(".png"),
+                      f"{model_name} on {device.name}, target {target_ms:g} ms")  # fmt: skip
+    plan = result.plan
+    summary = {
+        "plan_file": str(out), "plot": str(png), "plan": plan.to_dict(), "accuracy": result.accuracy,
+        "target_ms": target_ms, "predicted_ms": result.predicted_ms, "measured_ms": result.measured_ms,
+        "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
+        "candidates": result.candidates,
+    }  # fmt: skip
+    if multi_objective:
+        summary["pareto_front"] = [
+            {"trial": t.number, "accuracy": t.values[0], "predicted_ms": t.values[1], "keep": t.user_attrs["keep"],
+             "method": t.user_attrs["method"], "locations": t.user_attrs["locations"]}
+            for t in sorted(result.study.best_trials, key=lambda t: t.values[1])
+        ]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    c = result.counts
+    measured = "not measured" if result.measured_ms is None else f"measured {result.measured_ms:.3f} ms"
+    click.echo(f"{out}: {model_name} {plan.method} keep={list(plan.keep)} at {list(plan.locations)}, "
+               f"calibration top-1 {result.accuracy:.2f}%")  # fmt: skip
+    click.echo(f"  target {target_ms:g} ms | predicted {result.predicted_ms:.3f} ms | {measured} "
+               f"on {device.name} ({device.runtime}, {device.threads} thread(s)); fastest possible "
+               f"{result.fastest_ms:.3f} ms")  # fmt: skip
+    click.echo(f"  {c['trials']} trials: {c['evaluated']} evaluated, {c['duplicates']} duplicates reused, "
+               f"{c['pruned']} pruned early, {c['infeasible']} infeasible (not evaluated); "
+               f"{result.seconds:.1f} s")  # fmt: skip
+    if result.candidates:
+        click.echo("  measured on the device:   trial  method  keep                    top-1   predicted  measured")
+        for r in result.candidates:
+            flag = "  over target, dropped" if r["over_target"] else ""
+            click.echo(f"  {'':24}{r['trial']:5d}  {r['method']:6}  {r['keep']!s:22} {r['accuracy']:6.2f}%  "
+                       f"{r['predicted_ms']:8.3f}  {r['measured_ms']:8.3f}{flag}")  # fmt: skip
+    if multi_objective:
+        click.echo(f"  Pareto front: {len(summary['pareto_front'])} plans (see --json)")
+    click.echo(f"  plot: {png}")
+
+
 if __name__ == "__main__":
     main()

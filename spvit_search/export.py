@@ -116,3 +116,37 @@ def tflite_runner(path: str | Path, threads: int = 1):
         return interpreter.get_tensor(output)
 
     return run
+
+
+def verify_export(model: nn.Module, path: str | Path, data: str) -> dict:
+    """Top-1 of torch and of the exported file on the test split of ``data``, and their agreement."""
+    from torch.utils.data import DataLoader
+
+    from .data import build_dataset
+
+    path = Path(path)
+    dataset = build_dataset(data, "test", model)
+    model.eval()
+    if path.suffix == ".tflite":
+        run = tflite_runner(path)
+    else:
+        session = onnx_session(path)
+        fixed_batch = session.get_inputs()[0].shape[0]
+
+        def run(x):
+            return session.run(None, {INPUT_NAME: x})[0]
+
+    torch_top, export_top, labels = [], [], []
+    batch = 1 if path.suffix == ".tflite" or isinstance(fixed_batch, int) else 100
+    with torch.no_grad():
+        for images, target in DataLoader(dataset, batch_size=batch):
+            torch_top.append(model(images).argmax(dim=1))
+            export_top.append(torch.from_numpy(np.asarray(run(images.numpy()))).argmax(dim=1))
+            labels.append(target)
+    t, e, y = torch.cat(torch_top), torch.cat(export_top), torch.cat(labels)
+    return {
+        "images": len(y),
+        "torch_acc": 100.0 * (t == y).float().mean().item(),
+        "export_acc": 100.0 * (e == y).float().mean().item(),
+        "agree": int((t == e).sum()),
+    }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .pruning import PruneState
 
@@ -18,3 +20,69 @@ def ratio_loss(state: PruneState) -> torch.Tensor:
         return torch.zeros(())
     losses = [((frac - target) ** 2).mean() for frac, target in zip(state.kept_fraction, state.targets, strict=True)]
     return torch.stack(losses).mean()
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """KL(teacher ‖ student) of temperature-softened class distributions, scaled by τ²."""
+    s = F.log_softmax(student_logits / tau, dim=-1)
+    t = F.log_softmax(teacher_logits / tau, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * tau * tau
+
+
+def kept_token_mse(student: torch.Tensor, teacher: torch.Tensor, state: PruneState) -> torch.Tensor:
+    """MSE between student and dense-teacher patch tokens, over the tokens the student kept.
+
+    In training the student's sequence keeps its length ([prefix | patches | packages]), so its
+    patch tokens line up with the teacher's; the final keep mask selects the ones to match.
+    """
+    p, n = state.num_prefix, state.num_patches
+    mask = state.patch_policy
+    err = (student[:, p : p + n] - teacher[:, p : p + n]).pow(2).mean(dim=-1)
+    return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class LatencyPenalty(nn.Module):
+    """The paper's latency-aware loss: predicted latency from the *expected* token counts.
+
+    Each stage's expected token count is its mean kept fraction × patches (differentiable
+    through the straight-through decisions); the latency table's fitted curves turn them into
+    milliseconds (calibrated if the table is), and ``relu(predicted / target − 1)²`` penalises
+    only what exceeds the target.
+    """
+
+    def __init__(self, latency, plan, target_ms: float) -> None:
+        super().__init__()
+        if target_ms <= 0:
+            raise ValueError("target_ms must be positive")
+        self.target_ms = target_ms
+        self.latency, self.plan = latency, plan
+        coef = latency._block_coef
+        self.register_buffer("block_coef", torch.tensor(coef, dtype=torch.float32), persistent=False)
+        sel = latency._selector_fit[plan.method]
+        head = latency._head_fit
+        self._sel = (sel.a, sel.b, sel.c)
+        self._head = (head.a, head.b, head.c)
+        self._stages = [(s, loc) for s, (loc, k) in enumerate(zip(plan.locations, plan.keep, strict=True)) if k < 1.0]
+
+    def predicted_ms(self, kept_fraction: list[torch.Tensor]) -> torch.Tensor:
+        lat, plan = self.latency, self.plan
+        p, n0 = lat.num_prefix, lat.num_patches
+        tokens = [torch.tensor(float(p + n0))] * lat.depth
+        packages = 0
+        selector = torch.zeros(())
+        for (_, loc), frac in zip(self._stages, kept_fraction, strict=True):
+            entering = tokens[loc - 1] if loc > 0 else torch.tensor(float(p + n0))
+            a, b, c = self._sel
+            selector = selector + a + b * entering + c * entering * entering
+            packages += int(plan.package_token)
+            expected = p + frac.mean() * n0 + packages
+            tokens = tokens[:loc] + [expected] * (lat.depth - loc)
+        t = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in tokens])
+        c = self.block_coef
+        blocks = (c[:, 0] + c[:, 1] * t + c[:, 2] * t * t).sum()
+        a, b, cc = self._head
+        total = lat._stem_ms + blocks + selector + a + b * t[-1] + cc * t[-1] * t[-1]
+        return lat.calibration.scale * total + lat.calibration.offset_ms
+
+    def forward(self, kept_fraction: list[torch.Tensor]) -> torch.Tensor:
+        return F.relu(self.predicted_ms(kept_fraction) / self.target_ms - 1.0).pow(2)

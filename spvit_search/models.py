@@ -29,19 +29,25 @@ def create_model(name: str, checkpoint: str | Path | None = None, **kwargs) -> n
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, name: str = "model") -> None:
-    """Load a state dict (plain, or under 'model'/'state_dict'); mismatches name the tensors."""
+def read_state(path: str | Path) -> dict:
+    """The state dict inside a checkpoint file (plain, or under 'model'/'state_dict')."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # any unreadable file gets the same clear message
         raise ModelError(f"checkpoint {path} could not be read: {err}") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
+            return state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint {path} holds no state dict")
+    return state
+
+
+def apply_state(model: nn.Module, state: dict, path: str | Path, name: str = "model") -> None:
+    """Load ``state`` strictly; a mismatch names the tensors that do not fit."""
     own = model.state_dict()
     bad_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
@@ -58,6 +64,42 @@ def load_checkpoint(model: nn.Module, path: str | Path, name: str = "model") -> 
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
         raise ModelError(f"checkpoint {path} does not fit {name}: " + "; ".join(parts))
     model.load_state_dict(state)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, name: str = "model") -> None:
+    apply_state(model, read_state(path), path, name)
+
+
+def build_model(
+    name: str, checkpoint: str | Path | None = None, plan=None, num_classes: int | None = None
+) -> nn.Module:
+    """A timm model, pruned by ``plan`` if given, with a dense or fine-tuned checkpoint loaded.
+
+    A dense checkpoint is loaded before pruning (new selectors start fresh); a fine-tuned one,
+    which holds selectors, after pruning with the plan it was fine-tuned with.
+    """
+    from .pruning import prune
+
+    state = read_state(checkpoint) if checkpoint is not None else None
+    if num_classes is None and state is not None and "head.weight" in state:
+        num_classes = state["head.weight"].shape[0]
+    model = create_model(name, **({} if num_classes is None else {"num_classes": num_classes}))
+    selectors = sorted({int(k.split(".")[1]) for k in (state or {}) if ".token_selector." in k})
+    if selectors and (plan is None or not plan.spec.learned_selector):
+        raise ModelError(
+            f"checkpoint {checkpoint} holds token selectors before blocks {selectors}: "
+            "give the plan it was fine-tuned with"
+        )
+    if selectors and tuple(selectors) != tuple(plan.locations):
+        raise ModelError(f"checkpoint {checkpoint} has selectors before blocks {selectors}, the plan puts them at "
+                         f"{list(plan.locations)}")  # fmt: skip
+    if state is not None and not selectors:
+        apply_state(model, state, checkpoint, name)
+    if plan is not None and not plan.is_dense:
+        prune(model, plan)
+    if selectors:
+        apply_state(model, state, checkpoint, f"{name} pruned by the plan")
+    return model
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:

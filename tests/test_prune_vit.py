@@ -1,6 +1,7 @@
 """SPViT pruning on timm VisionTransformer models: equivalence, determinism, training signals."""
 
 import copy
+import math
 
 import pytest
 import timm
@@ -133,6 +134,9 @@ def test_ratio_loss_moves_kept_fraction_toward_target():
     model = timm.create_model("deit_tiny_patch16_224", img_size=112).train()
     plan = sp.PruningPlan(keep=(0.8, 0.64, 0.5))
     sp.prune(model, plan)
+    with torch.no_grad():  # start far from the targets: keep 25% per stage
+        for loc in plan.locations:
+            model.blocks[loc].token_selector.scorer.out[-1].bias.copy_(torch.tensor([0.0, math.log(0.25 / 0.75)]))
     selector_params = [p for n, p in model.named_parameters() if "token_selector" in n]
     for n, p in model.named_parameters():
         p.requires_grad_("token_selector" in n)
@@ -179,3 +183,16 @@ def test_unsupported_models_name_what_is_supported():
         assert no_cls.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
     with pytest.raises(TypeError, match="PruningPlan"):
         sp.prune(no_cls, {"keep": [0.5]})
+
+
+def test_selectors_start_at_their_stage_keep_ratio():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=112).train()
+    plan = sp.PruningPlan(keep=(0.7, 0.49, 0.343))
+    sp.prune(model, plan)
+    with torch.no_grad():
+        fractions = [0.0, 0.0, 0.0]
+        for _ in range(4):
+            model(torch.randn(16, 3, 112, 112))
+            for i, f in enumerate(sp.pruning_state(model).kept_fraction):
+                fractions[i] += f.mean().item() / 4
+    assert fractions == pytest.approx(plan.keep, abs=0.05)

@@ -1,10 +1,16 @@
 """The package token: pruned tokens folded into one token instead of being thrown away.
 
-Its single definition, used in training and at inference alike: the mean of the tokens
-pruned at this stage weighted by their keep probability (for EViT: their class-token
-attention). Tokens that were nearly kept contribute most. In training the weights carry the
-straight-through mask of newly pruned tokens; at inference the weights of kept tokens are
-zero — the same formula on the same scores.
+Its single definition, used in training and at inference alike: the mean of the tokens pruned
+at this stage, weighted by their keep probabilities — tokens that were nearly kept contribute
+most. Membership (which tokens were pruned) is the discrete decision; the weights are a
+softmax of the members' keep log-probabilities, which is the same normalised weighting
+computed stably.
+
+Why membership carries no straight-through gradient: dividing by the sum of the pruned
+tokens' keep probabilities sends gradients of size p_kept / Σ p_pruned to every kept token,
+which explodes once the selector is confident (seen in training: loss spikes, then the first
+selector saturated at 77% kept and accuracy fell from 97% to 82%). The selector learns its
+decisions through the attention masks and the ratio loss; the package learns its weights.
 """
 
 from __future__ import annotations
@@ -12,8 +18,16 @@ from __future__ import annotations
 import torch
 
 
-def fold_package(tokens: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean of ``tokens`` (B, n, C) under ``weights`` (B, n) -> ((B, 1, C), total (B, 1))."""
-    total = weights.sum(dim=1, keepdim=True)
-    package = (weights.unsqueeze(1) @ tokens) / total.clamp_min(1e-12).unsqueeze(-1)
-    return package, total
+def fold_package(
+    tokens: torch.Tensor, keep_logp: torch.Tensor, members: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Package token of ``tokens`` (B, n, C): weights softmax(keep_logp) over ``members`` (B, n) in {0, 1}.
+
+    Returns the package (B, 1, C) and whether each image has any member (B, 1) as 0/1.
+    """
+    members = members.detach().to(keep_logp.dtype)
+    any_member = (members.sum(dim=1, keepdim=True) > 0).to(keep_logp.dtype)
+    logits = keep_logp.masked_fill(members <= 0, float("-inf"))
+    logits = torch.where(any_member > 0, logits, torch.zeros_like(logits))  # no member: avoid an all -inf softmax
+    weights = torch.softmax(logits, dim=1) * members * any_member
+    return weights.unsqueeze(1) @ tokens, any_member

@@ -68,8 +68,8 @@ class TokenReducer(nn.Module):
         kept = gather_tokens(patches, idx)
         parts = [x[:, :p], kept, x[:, p + n :]]
         if self.package_token:
-            weights = keep_logp.exp().scatter(1, idx, 0.0)  # weights of the pruned tokens only
-            package, _ = fold_package(patches, weights)
+            pruned = torch.ones_like(keep_logp).scatter(1, idx, 0.0)
+            package, _ = fold_package(patches, keep_logp, pruned)
             parts.append(package)
             state.num_packages += 1
         return torch.cat(parts, dim=1)
@@ -84,11 +84,10 @@ class TokenReducer(nn.Module):
         hard = F.gumbel_softmax(logp, tau=self.tau, hard=True)[..., 1]
         policy = prev * hard
         if self.package_token:
-            weights = prev * (1.0 - hard) * logp[..., 1].exp()
-            package, total = fold_package(patches, weights)
+            package, any_member = fold_package(patches, logp[..., 1], prev * (1.0 - hard))
             x = torch.cat([x, package], dim=1)
             state.num_packages += 1
-            state.package_policy.append((total > 0).to(policy.dtype).detach())
+            state.package_policy.append(any_member)
         state.patch_policy = policy
         state.decisions.append(policy)
         state.kept_fraction.append(policy.mean(dim=1))

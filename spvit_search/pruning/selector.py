@@ -7,6 +7,8 @@ of ``[drop, keep]``. The stage logic (top-k, Gumbel masks, package token) lives 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,7 @@ class MultiHeadTokenSelector(nn.Module):
         num_heads: int,
         hidden_ratio: float = 1.0,
         se_ratio: float = 0.0625,
+        prior_keep: float = 0.5,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -50,6 +53,11 @@ class MultiHeadTokenSelector(nn.Module):
             nn.Linear(max(2, hidden // 4), 2),
         )
         self.head_weights = nn.Sequential(nn.Linear(dim, se_hidden), nn.GELU(), nn.Linear(se_hidden, num_heads))
+        # Start at the stage's keep ratio: the ratio loss then holds the count instead of first
+        # having to find it, and training sees the token counts inference will use.
+        p = min(max(prior_keep, 1e-3), 1 - 1e-3)
+        with torch.no_grad():
+            self.out[-1].bias.copy_(torch.tensor([0.0, math.log(p / (1 - p))]))
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape

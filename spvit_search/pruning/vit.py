@@ -122,10 +122,12 @@ class VitFamily(ModelFamily):
             blk._spvit_state = state
             swap_class(blk, _PrunedBlock)
         ref = next(model.parameters())
+        previous = 1.0
         for loc, keep in zip(plan.locations, plan.keep, strict=True):
             blk = model.blocks[loc]
             if plan.spec.learned_selector:
-                scorer = MultiHeadTokenSelector(model.embed_dim, blk.attn.num_heads)
+                scorer = MultiHeadTokenSelector(model.embed_dim, blk.attn.num_heads, prior_keep=keep / previous)
+                previous = keep
             else:
                 scorer = ClsAttentionScorer(model.blocks[loc - 1].attn, model.num_prefix_tokens)
             reducer = TokenReducer(scorer, keep, plan.package_token).to(device=ref.device, dtype=ref.dtype)

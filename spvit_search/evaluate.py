@@ -1,0 +1,91 @@
+"""Accuracy of pruning plans on calibration images, fast enough for a search's inner loop.
+
+* The tokens entering the first block that any plan can change are computed once and cached
+  (for EViT that is the block before the first location: its attention scores the tokens).
+* A plan already scored is not scored again.
+* Scoring is staged: a first subset of the images gives an early estimate that the search can
+  use to stop hopeless trials, then the rest.
+
+The objective is top-1 accuracy against the labels, or, without labels (``agreement``), the
+share of images whose top-1 matches the dense model's — a label-free proxy for any checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .plan import PruningPlan
+from .pruning import prune, pruning_state
+
+
+def plan_key(plan: PruningPlan) -> str:
+    keep = ",".join(f"{k:.4f}" for k in plan.keep)
+    return f"{plan.method}|{','.join(map(str, plan.locations))}|{keep}|{plan.package_token}"
+
+
+class PlanEvaluator:
+    """Scores plans of one model on fixed calibration images."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        first_block: int,
+        batch_size: int = 64,
+        early_fraction: float = 0.25,
+    ) -> None:
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.first_block = max(0, first_block)
+        with torch.no_grad():
+            if labels is None:  # agreement with the dense model
+                labels = torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(batch_size)])
+            self.labels = labels
+            self.prefix = torch.cat([self._embed(chunk) for chunk in images.split(batch_size)])
+        self.early = max(1, int(len(labels) * early_fraction))
+        self.cache: dict[str, float] = {}
+        self.evaluations = 0
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens entering block ``first_block`` (the dense stem and blocks before it)."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        for block in list(m.blocks)[: self.first_block]:
+            x = block(x)
+        return x
+
+    def _correct(self, tokens: torch.Tensor, labels: torch.Tensor) -> int:
+        m = self.model
+        state = pruning_state(m) if getattr(m, "spvit_plan", None) is not None else None
+        correct = 0
+        for start in range(0, len(tokens), self.batch_size):
+            x = tokens[start : start + self.batch_size]
+            if state is not None:
+                state.reset()
+            for block in list(m.blocks)[self.first_block :]:
+                x = block(x)
+            logits = m.forward_head(m.norm(x))
+            correct += int((logits.argmax(dim=1) == labels[start : start + len(x)]).sum())
+        return correct
+
+    def evaluate(self, plan: PruningPlan, report: Callable[[float], bool] | None = None) -> float:
+        """Top-1 (%) of ``plan``; ``report(early_accuracy)`` returning True stops early (returns that)."""
+        key = plan_key(plan)
+        if key in self.cache:
+            return self.cache[key]
+        prune(self.model, plan)
+        self.model.eval()
+        self.evaluations += 1
+        with torch.no_grad():
+            early = self._correct(self.prefix[: self.early], self.labels[: self.early])
+            early_acc = 100.0 * early / self.early
+            if report is not None and report(early_acc):
+                return early_acc
+            rest = self._correct(self.prefix[self.early :], self.labels[self.early :])
+        accuracy = 100.0 * (early + rest) / len(self.labels)
+        self.cache[key] = accuracy
+        return accuracy

@@ -1,0 +1,297 @@
+"""``spvit-search optimize``: a latency budget in, a plan out that meets it on the device.
+
+1. The model (plain checkpoint: EViT, training-free; fine-tuned: its trained selectors), the
+   device's latency table and the calibration images.
+2. A target below the fastest plan of the search space is refused, naming that minimum.
+3. The study (``search.py``) runs, resumably, in this process and optional worker processes.
+4. The best feasible candidates are measured end to end on the device, interleaved; each
+   measurement refines the table's calibration; a candidate measured over the target is
+   dropped, and the ranking is redone with the refined calibration until one passes.
+5. ``plan.yaml`` (with what was predicted and measured, and the table it was predicted from),
+   a PNG of the trials, and a summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+from tqdm import tqdm
+
+from .data import build_dataset
+from .devices import DeviceConfig
+from .evaluate import PlanEvaluator
+from .latency import table_path
+from .measure import measure_models
+from .models import build_model, read_state
+from .plan import METHODS, PruningPlan, default_locations
+from .predictor import PlanLatency
+from .search import SearchError, SearchSpace, create_study, feasible_ranked, make_objective, open_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@dataclass
+class OptimizeSettings:
+    target_ms: float
+    checkpoint: str | None = None
+    data: str = "demo"
+    calib_images: int = 256
+    objective: str = "accuracy"  # or "agreement" (with the dense model's top-1; no labels needed)
+    methods: tuple[str, ...] = ("evit",)
+    locations: tuple[int, ...] | None = None
+    search_locations: bool = False
+    stages: int = 3
+    trials: int = 300
+    min_factor: float = 0.3
+    step: float = 0.05
+    storage: str | None = None
+    study: str | None = None
+    workers: int = 1
+    sampler: str = "tpe"
+    seed: int | None = 0
+    multi_objective: bool = False
+    verify_top: int = 3
+    tables: str = "latency_tables"
+    progress: bool = True
+
+
+@dataclass
+class OptimizeResult:
+    plan: PruningPlan | None
+    accuracy: float | None
+    predicted_ms: float | None
+    measured_ms: float | None
+    candidates: list[dict] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    fastest_ms: float = 0.0
+    seconds: float = 0.0
+    study: optuna.Study | None = None
+
+
+def _space(settings: OptimizeSettings, depth: int, trained_locations: tuple[int, ...] | None) -> SearchSpace:
+    if trained_locations is not None:
+        sets = (trained_locations,)
+    elif settings.search_locations:
+        from itertools import combinations
+
+        sets = tuple(combinations(range(1, depth), settings.stages))
+    else:
+        sets = (settings.locations or default_locations(depth, settings.stages),)
+    return SearchSpace(sets, settings.methods, settings.min_factor, settings.step)
+
+
+def load_search_model(model_name: str, settings: OptimizeSettings):
+    """The model and, for learned selectors, the locations they were trained at."""
+    learned = [m for m in settings.methods if METHODS[m].learned_selector]
+    if not learned:
+        return build_model(model_name, settings.checkpoint).eval(), None
+    state = read_state(settings.checkpoint) if settings.checkpoint else {}
+    locations = tuple(sorted({int(k.split(".")[1]) for k in state if ".token_selector." in k}))
+    if not locations:
+        raise SearchError(
+            f"method {learned[0]!r} scores tokens with trained selectors: give a fine-tuned --checkpoint "
+            "(spvit-search finetune), or use --method evit on a plain checkpoint"
+        )
+    plan = PruningPlan(locations=locations, keep=(1.0,) * len(locations), method=learned[0])
+    return build_model(model_name, settings.checkpoint, plan).eval(), locations
+
+
+def calibration_tensors(data: str, count: int, model) -> tuple[torch.Tensor, torch.Tensor]:
+    dataset = build_dataset(data, "calib", model)
+    n = min(count, len(dataset))
+    items = [dataset[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "spvit_search.cli", *argv, "--worker"]
+
+
+def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings, worker_argv: list[str] | None = None,
+              worker_only: bool = False):  # fmt: skip
+    """Build everything and run the trials of this process; returns (study, latency, model, space, evaluator)."""
+    model, trained = load_search_model(model_name, settings)
+    latency = PlanLatency.for_device(device, model, model_name, root=settings.tables, methods=settings.methods)
+    space = _space(settings, len(model.blocks), trained)
+    fastest_ms, fastest = space.fastest(latency)
+    if settings.target_ms < fastest_ms:
+        raise SearchError(
+            f"target {settings.target_ms:g} ms is below the minimum achievable {fastest_ms:.2f} ms on {device.name} "
+            f"({fastest.method} keep={list(fastest.keep)} at {list(fastest.locations)}); "
+            "lower --min-keep-factor or choose another device"
+        )
+    if settings.workers > 1 and settings.storage is None:
+        raise SearchError("--workers needs a shared --storage: journal:FILE, sqlite:///FILE or a PostgreSQL URL")
+    images, labels = calibration_tensors(settings.data, settings.calib_images, model)
+    evaluator = PlanEvaluator(model, images, labels if settings.objective == "accuracy" else None, space.first_block)
+    name = (
+        settings.study
+        or f"{model_name}-{device.name}-t{device.threads}-{settings.target_ms:g}ms-{'+'.join(settings.methods)}"
+    )
+    study = create_study(
+        name, open_storage(settings.storage), settings.multi_objective, settings.sampler, settings.seed
+    )
+    objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective)
+
+    helpers = []
+    if settings.workers > 1 and not worker_only and worker_argv is not None:
+        helpers = [subprocess.Popen(_worker_argv(worker_argv), stdout=subprocess.DEVNULL)
+                   for _ in range(settings.workers - 1)]  # fmt: skip
+    done = len(study.get_trials(deepcopy=False, states=COUNTED))
+    stop = optuna.study.MaxTrialsCallback(settings.trials, states=COUNTED)
+    bar = tqdm(total=settings.trials, initial=min(done, settings.trials), disable=not settings.progress or worker_only,
+               desc="optimize", unit="trial")  # fmt: skip
+
+    def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        bar.n = min(settings.trials, len(study.get_trials(deepcopy=False, states=COUNTED)))
+        best = _best_feasible(study, settings)
+        if best is not None:
+            bar.set_postfix_str(f"best feasible {best.values[0]:.2f}% @ {best.user_attrs['predicted_ms']:.2f} ms")
+        bar.refresh()
+
+    if done < settings.trials:
+        study.optimize(objective, n_trials=settings.trials - done, callbacks=[stop, on_trial], catch=())
+    bar.close()
+    for helper in helpers:
+        if helper.wait() != 0:
+            raise SearchError(f"a worker process exited with {helper.returncode}")
+    return study, latency, model, space, evaluator, fastest_ms
+
+
+def _best_feasible(study: optuna.Study, settings: OptimizeSettings):
+    trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if t.user_attrs.get("evaluated")]  # fmt: skip
+    return max(trials, key=lambda t: t.values[0], default=None)
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return {
+        "trials": len(trials),
+        "evaluated": sum(1 for t in complete if t.user_attrs.get("evaluated") and "duplicate_of" not in t.user_attrs),
+        "infeasible": sum(1 for t in complete if t.user_attrs.get("evaluated") is False),
+        "duplicates": sum(1 for t in complete if "duplicate_of" in t.user_attrs),
+        "pruned": sum(1 for t in trials if t.state == optuna.trial.TrialState.PRUNED),
+    }
+
+
+def verify_on_device(study, latency: PlanLatency, model_name: str, device: DeviceConfig, settings: OptimizeSettings,
+                     rounds: int = 3) -> tuple[list[dict], dict | None]:  # fmt: skip
+    """Measure the best feasible candidates; calibrate; drop those over the target; re-rank."""
+    from profilers import MeasureSettings
+
+    measured: dict[str, dict] = {}
+    for _ in range(rounds):
+        ranked = [r for r in feasible_ranked(study, settings.target_ms, latency, model_name)
+                  if r[0].user_attrs["plan_key"] not in measured]  # fmt: skip
+        batch = ranked[: settings.verify_top]
+        if not batch:
+            break
+        models = {f"c{t.number}": build_model(model_name, settings.checkpoint, plan).eval() for t, plan, _ in batch}
+        timings, _ = measure_models(device, models, MeasureSettings(rounds=8, runs=5))
+        latency.add_calibration_points([(plan, timings[f"c{t.number}"].median_ms) for t, plan, _ in batch])
+        for t, plan, predicted in batch:
+            ms = timings[f"c{t.number}"].median_ms
+            measured[t.user_attrs["plan_key"]] = {
+                "trial": t.number, "plan": plan, "accuracy": t.values[0], "predicted_ms": predicted,
+                "measured_ms": ms, "over_target": ms > settings.target_ms,
+            }  # fmt: skip
+        passing = [c for c in measured.values() if not c["over_target"]]
+        if passing:
+            return list(measured.values()), max(passing, key=lambda c: (c["accuracy"], -c["measured_ms"]))
+    return list(measured.values()), None
+
+
+def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, out: str | Path = "plan.yaml",
+             worker_argv: list[str] | None = None) -> OptimizeResult:  # fmt: skip
+    start = time.perf_counter()
+    study, latency, model, _, _, fastest_ms = run_study(model_name, device, settings, worker_argv)
+    counts = _counts(study)
+    ranked = feasible_ranked(study, settings.target_ms, latency, model_name)
+    if not ranked:
+        raise SearchError(f"no evaluated plan meets {settings.target_ms:g} ms after {counts['trials']} trials; "
+                          "run more --trials or relax the target")  # fmt: skip
+    if settings.verify_top > 0:
+        candidates, chosen = verify_on_device(study, latency, model_name, device, settings)
+        if chosen is None:
+            over = ", ".join(f"{c['measured_ms']:.2f}" for c in candidates)
+            raise SearchError(
+                f"every candidate measured over {settings.target_ms:g} ms on {device.name} ({over} ms) even after "
+                "recalibrating; the device is slower than its table: re-profile it, or relax the target"
+            )
+        plan, accuracy, measured = chosen["plan"], chosen["accuracy"], chosen["measured_ms"]
+    else:
+        candidates, (trial, plan, _) = [], ranked[0]
+        accuracy, measured = trial.values[0], None
+    predicted = latency.predict(plan).total_ms
+    table = table_path(settings.tables, device.name, device.runtime, device.threads, device.batch)
+    plan = plan.replace(
+        model=model_name, device=device.name, target_ms=settings.target_ms, predicted_ms=round(predicted, 4),
+        measured_ms=None if measured is None else round(measured, 4),
+        lut={"path": str(table), "sha256": hashlib.sha256(table.read_bytes()).hexdigest()},
+        block_tokens=plan.tokens_per_block(model),
+    )  # fmt: skip
+    plan.save(out)
+    return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
+                          fastest_ms, time.perf_counter() - start, study)  # fmt: skip
+
+
+def _candidate_row(c: dict) -> dict:
+    p = c["plan"]
+    return {"trial": c["trial"], "method": p.method, "locations": list(p.locations), "keep": list(p.keep),
+            "accuracy": round(c["accuracy"], 3), "predicted_ms": round(c["predicted_ms"], 3),
+            "measured_ms": round(c["measured_ms"], 3), "over_target": c["over_target"]}  # fmt: skip
+
+
+def plot_trials(result: OptimizeResult, settings: OptimizeSettings, path: str | Path, title: str) -> Path:
+    """Accuracy vs predicted latency of every trial, the target, the front, the measured candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = result.study.get_trials(deepcopy=False)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated")]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and "predicted_ms" in t.user_attrs]
+    infeasible = [t for t in trials if t.user_attrs.get("evaluated") is False]
+    ax.scatter([t.user_attrs["predicted_ms"] for t in done], [t.values[0] for t in done], s=10, label="evaluated")
+    if pruned:
+        ax.scatter([t.user_attrs["predicted_ms"] for t in pruned],
+                   [t.intermediate_values.get(0, float("nan")) for t in pruned], s=8, marker="x", alpha=0.5,
+                   label="pruned early (subset accuracy)")  # fmt: skip
+    for t in infeasible:
+        ax.axvline(t.user_attrs["predicted_ms"], color="0.85", lw=0.5, zorder=0)
+    front = sorted(((t.user_attrs["predicted_ms"], t.values[0]) for t in done), key=lambda p: p[0])
+    best, line = -1.0, []
+    for ms, acc in front:
+        if acc > best:
+            best = acc
+            line.append((ms, acc))
+    if line:
+        ax.step([p[0] for p in line], [p[1] for p in line], where="post", color="C2", lw=1, label="Pareto front")
+    ax.axvline(settings.target_ms, color="C3", ls="--", lw=1, label=f"target {settings.target_ms:g} ms")
+    for c in result.candidates:
+        ax.scatter([c["measured_ms"]], [c["accuracy"]], marker="D", s=30, facecolors="none",
+                   edgecolors="C3" if c["over_target"] else "C1")  # fmt: skip
+    if result.plan is not None and result.accuracy is not None:
+        ax.scatter([result.measured_ms or result.predicted_ms], [result.accuracy], marker="*", s=160, color="C1",
+                   label="chosen (measured)" if result.measured_ms else "chosen (predicted)", zorder=5)  # fmt: skip
+    ax.set_xlabel("latency, ms (predicted; diamonds: measured)")
+    ax.set_ylabel("calibration top-1 (%)")
+    ax.set_title(title + " — grey lines: infeasible trials (not evaluated)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,190 @@
+"""The Optuna study behind ``spvit-search optimize``: keep ratios under a latency budget.
+
+Search space: one keep *factor* per stage on a grid (``step``), their running product being
+the cumulative keep ratios (non-increasing by construction); optionally the selector
+locations and the method (training-free methods only: learned selectors sit where they were
+trained). Latency is a constraint, ``predicted − target`` set on the trial *before* anything
+is evaluated, so an infeasible trial costs no accuracy evaluation. The objective is accuracy
+on calibration images (:class:`~spvit_search.evaluate.PlanEvaluator`); plans already scored
+are reused (also across workers, through the storage); a first subset of the images reports an
+intermediate value and hopeless trials are pruned. Multi-objective mode maximises accuracy and
+minimises predicted latency (Pareto front).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+
+from .errors import SpvitError
+from .evaluate import PlanEvaluator, plan_key
+from .plan import METHODS, PruningPlan
+from .predictor import PlanLatency
+
+
+class SearchError(SpvitError):
+    """A search that cannot run as asked (infeasible target, bad storage, …)."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    location_sets: tuple[tuple[int, ...], ...]  # one entry: fixed locations
+    methods: tuple[str, ...]
+    min_factor: float = 0.3
+    step: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.location_sets or not self.methods:
+            raise SearchError("the search space needs at least one location set and one method")
+        learned = [m for m in self.methods if METHODS[m].learned_selector]
+        if learned and (len(self.location_sets) > 1 or len(self.methods) > 1):
+            raise SearchError(
+                f"method(s) {learned} use trained selectors: search their keep ratios only, at the locations "
+                "they were trained (one method, fixed locations)"
+            )
+        if not 0 < self.min_factor < 1 or not 0 < self.step < 1:
+            raise SearchError(f"min keep factor {self.min_factor} and step {self.step} must be in (0, 1)")
+
+    @property
+    def first_block(self) -> int:
+        """Earliest block a plan can change (EViT reads the attention of the block before)."""
+        first = min(min(locs) for locs in self.location_sets)
+        return first - 1 if any(not METHODS[m].learned_selector for m in self.methods) else first
+
+    def factors(self) -> np.ndarray:
+        n = round((1.0 - self.min_factor) / self.step)
+        return np.round(1.0 - self.step * np.arange(n + 1), 6)
+
+    def suggest(self, trial: optuna.Trial, model_name: str) -> PruningPlan:
+        method = self.methods[0] if len(self.methods) == 1 else trial.suggest_categorical("method", list(self.methods))
+        if len(self.location_sets) == 1:
+            locations = self.location_sets[0]
+        else:
+            choice = trial.suggest_categorical("locations", [",".join(map(str, s)) for s in self.location_sets])
+            locations = tuple(int(v) for v in choice.split(","))
+        keep, k = [], 1.0
+        for s in range(len(locations)):
+            k *= trial.suggest_float(f"r{s}", self.min_factor, 1.0, step=self.step)
+            keep.append(round(k, 4))
+        return PruningPlan(locations=locations, keep=tuple(keep), method=method, model=model_name)
+
+    def fastest(self, latency: PlanLatency) -> tuple[float, PruningPlan]:
+        """The lowest predicted latency in the space (every factor at its minimum)."""
+        best = None
+        for locations in self.location_sets:
+            keep = tuple(round(self.min_factor ** (s + 1), 4) for s in range(len(locations)))
+            for method in self.methods:
+                plan = PruningPlan(locations=locations, keep=keep, method=method)
+                ms = latency.predict(plan).total_ms
+                if best is None or ms < best[0]:
+                    best = (ms, plan)
+        return best
+
+
+def open_storage(spec: str | None):
+    """In-memory (None), ``journal:PATH`` (file journal, safe for several processes), or an RDB URL."""
+    if spec is None:
+        return None
+    if spec.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(spec.removeprefix("journal:")))
+    if "://" in spec:
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except Exception as err:  # a driver missing or a server unreachable: say which
+            raise SearchError(f"storage {spec!r} cannot be opened: {err}") from None
+    raise SearchError(f"storage {spec!r}: use journal:FILE, sqlite:///FILE or postgresql://USER@HOST/DB")
+
+
+def create_study(name: str, storage, multi_objective: bool, sampler: str = "tpe", seed: int | None = None):
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    if sampler not in samplers:
+        raise SearchError(f"unknown sampler {sampler!r}; use one of {sorted(samplers)}")
+    pruner = optuna.pruners.NopPruner() if multi_objective else optuna.pruners.MedianPruner(n_startup_trials=10)
+    kwargs = {"directions": ["maximize", "minimize"]} if multi_objective else {"direction": "maximize"}
+    try:
+        return optuna.create_study(study_name=name, storage=storage, sampler=samplers[sampler](), pruner=pruner,
+                                   load_if_exists=True, **kwargs)  # fmt: skip
+    except ValueError as err:  # e.g. a study of this name with other directions
+        raise SearchError(f"study {name!r}: {err}") from None
+
+
+def make_objective(
+    space: SearchSpace, latency: PlanLatency, evaluator: PlanEvaluator, target_ms: float | None, model_name: str,
+    multi_objective: bool,
+) -> Callable[[optuna.Trial], float | Sequence[float]]:  # fmt: skip
+    def objective(trial: optuna.Trial):
+        plan = space.suggest(trial, model_name)
+        predicted = latency.predict(plan).total_ms
+        trial.set_user_attr("plan_key", plan_key(plan))
+        trial.set_user_attr("keep", list(plan.keep))
+        trial.set_user_attr("locations", list(plan.locations))
+        trial.set_user_attr("method", plan.method)
+        trial.set_user_attr("predicted_ms", predicted)
+        trial.set_user_attr("pid", os.getpid())
+        if target_ms is not None:
+            trial.set_constraint("latency_ms", predicted - target_ms)
+            if predicted > target_ms:  # infeasible: no accuracy evaluation at all
+                trial.set_user_attr("evaluated", False)
+                return (0.0, predicted) if multi_objective else 0.0
+        earlier = _same_plan(trial, plan_key(plan))
+        if earlier is not None:
+            trial.set_user_attr("duplicate_of", earlier.number)
+            accuracy = earlier.values[0]
+        else:
+            report = None if multi_objective else _pruning_report(trial)
+            accuracy = evaluator.evaluate(plan, report)
+        trial.set_user_attr("evaluated", True)
+        return (accuracy, predicted) if multi_objective else accuracy
+
+    return objective
+
+
+def _pruning_report(trial: optuna.Trial) -> Callable[[float], bool]:
+    def report(early_accuracy: float) -> bool:
+        trial.report(early_accuracy, step=0)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"early accuracy {early_accuracy:.2f}% below the median of earlier trials")
+        return False
+
+    return report
+
+
+def _same_plan(trial: optuna.Trial, key: str):
+    """A completed, evaluated trial of the same plan (from any worker), or None."""
+    for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if other.user_attrs.get("plan_key") == key and other.user_attrs.get("evaluated"):
+            return other
+    return None
+
+
+def trial_plan(trial: optuna.trial.FrozenTrial, model_name: str) -> PruningPlan:
+    a = trial.user_attrs
+    return PruningPlan(locations=tuple(a["locations"]), keep=tuple(a["keep"]), method=a["method"], model=model_name)
+
+
+def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanLatency, model_name: str):
+    """Evaluated feasible trials, best accuracy first, one per plan; predictions re-made with
+    the table's current calibration (it may have changed since the trial ran)."""
+    seen, ranked = set(), []
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("evaluated")]  # fmt: skip
+    for t in sorted(done, key=lambda t: (-t.values[0], t.user_attrs["predicted_ms"])):
+        key = t.user_attrs["plan_key"]
+        if key in seen:
+            continue
+        seen.add(key)
+        plan = trial_plan(t, model_name)
+        predicted = latency.predict(plan).total_ms
+        if target_ms is None or predicted <= target_ms:
+            ranked.append((t, plan, predicted))
+    return ranked

@@ -1,0 +1,183 @@
+"""`spvit-search optimize`: constrained search, verification on the device, storage, workers, resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import spvit_search as sp
+from spvit_search.cli import main
+from spvit_search.devices import DeviceRegistry
+from spvit_search.models import build_model
+from spvit_search.predictor import PlanLatency
+
+MODEL = "vit_demo_digits"
+CLI = [sys.executable, "-m", "spvit_search.cli"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A briefly trained demo model and its profiled, calibrated local table."""
+    root = tmp_path_factory.mktemp("demo")
+    runner = CliRunner()
+    for args in (
+        ["train", "--out", str(root / "dense"), "--epochs", "4", "--no-augment"],
+        ["profile", "--model", MODEL, "--out", str(root / "tables"), "--rounds", "4", "--runs", "5"],
+        ["calibrate", "--model", MODEL, "--tables", str(root / "tables"), "--points", "3", "--rounds", "4"],
+    ):
+        done = runner.invoke(main, args)
+        assert done.exit_code == 0, done.output
+    device = DeviceRegistry.load().get("local")
+    latency = PlanLatency.for_device(device, build_model(MODEL), MODEL, root=root / "tables")
+    dense_ms = latency.predict(sp.PruningPlan(locations=(2,), keep=(1.0,))).total_ms
+    return {"root": root, "checkpoint": root / "dense" / "model.pt", "tables": root / "tables", "dense_ms": dense_ms}
+
+
+def _args(demo, *extra: str) -> list[str]:
+    return ["optimize", "--model", MODEL, "--checkpoint", str(demo["checkpoint"]), "--tables", str(demo["tables"]),
+            "--calib-images", "200", *extra]  # fmt: skip
+
+
+def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
+    target = round(demo["dense_ms"] * 0.7, 3)
+    out = tmp_path / "plan.yaml"
+    result = CliRunner().invoke(main, _args(demo, "--target-ms", str(target), "--trials", "60", "--verify-top", "2",
+                                            "--out", str(out), "--json"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    plan = sp.PruningPlan.load(out)
+    assert plan.model == MODEL and plan.device == "local" and plan.target_ms == target
+    assert plan.measured_ms is not None and plan.measured_ms <= target
+    assert plan.predicted_ms <= target and plan.lut["sha256"] and len(plan.block_tokens) == 6
+    assert summary["trials"]["trials"] == 60 and summary["trials"]["infeasible"] > 0
+    assert summary["trials"]["evaluated"] < 60  # infeasible, pruned and duplicate trials cost no evaluation
+    assert summary["candidates"] and all(c["measured_ms"] > 0 for c in summary["candidates"])
+    assert Path(summary["plot"]).stat().st_size > 10_000
+    # the measured candidates refined the table's calibration
+    meta = json.loads((demo["tables"] / "local" / "onnxruntime-t1-b1.meta.json").read_text())
+    assert len(meta["calibration"][MODEL]["points"]) > 3
+
+
+def test_infeasible_target_and_unknown_device_are_refused(demo):
+    runner = CliRunner()
+    tiny = runner.invoke(main, _args(demo, "--target-ms", "0.001", "--trials", "5"))
+    assert tiny.exit_code == 2 and "below the minimum achievable" in tiny.output and "ms on local" in tiny.output
+    nodev = runner.invoke(main, _args(demo, "--target-ms", "1", "--device", "phone"))
+    assert nodev.exit_code == 2 and "unknown device 'phone'" in nodev.output
+    noshare = runner.invoke(main, _args(demo, "--target-ms", str(demo["dense_ms"]), "--workers", "2"))
+    assert noshare.exit_code == 2 and "--workers needs a shared --storage" in noshare.output
+    nosel = runner.invoke(main, _args(demo, "--target-ms", str(demo["dense_ms"]), "--method", "spvit"))
+    assert nosel.exit_code == 2 and "give a fine-tuned --checkpoint" in nosel.output
+
+
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _load(storage: Path, name: str) -> optuna.Study:
+    from spvit_search.search import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(f"journal:{storage}"))
+
+
+def test_two_workers_share_one_study_without_duplicated_trials(tmp_path, demo):
+    journal = tmp_path / "study.log"
+    target = demo["dense_ms"] * 0.75
+    args = _args(demo, "--target-ms", f"{target:.3f}", "--trials", "40", "--workers", "2", "--verify-top", "0",
+                 "--storage", f"journal:{journal}", "--study", "shared",
+                 "--out", str(tmp_path / "plan.yaml"))  # fmt: skip
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = _load(journal, "shared")
+    trials = [t for t in study.trials if t.state in COUNTED]
+    assert 40 <= len(trials) <= 41  # the last trials may finish together
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both processes ran trials
+    evaluated = [t.user_attrs["plan_key"] for t in trials
+                 if t.user_attrs.get("evaluated") and "duplicate_of" not in t.user_attrs]  # fmt: skip
+    assert len(evaluated) == len(set(evaluated))  # no plan was evaluated twice
+
+
+def test_killed_study_resumes_with_its_trials(tmp_path, demo):
+    journal = tmp_path / "study.log"
+    target = demo["dense_ms"] * 0.8
+    extra = ["--target-ms", f"{target:.3f}", "--trials", "60", "--verify-top", "0", "--storage", f"journal:{journal}",
+             "--study", "resume", "--out", str(tmp_path / "p.yaml")]  # fmt: skip
+    args = [*CLI, *_args(demo, *extra)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    first: list = []
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if journal.exists():
+            first = [t for t in _load(journal, "resume").trials if t.state.is_finished()]
+            if len(first) >= 10:
+                break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 10 <= len(first) < 60
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    study = _load(journal, "resume")
+    finished = [
+        t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(finished) == 60
+    kept = {
+        t.number: t.params
+        for t in first
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    }
+    assert all(study.trials[n].params == params for n, params in kept.items())  # the first run's trials are kept
+
+
+def test_multi_objective_front(tmp_path, demo):
+    result = CliRunner().invoke(main, _args(demo, "--target-ms", f"{demo['dense_ms'] * 0.8:.3f}", "--trials", "30",
+                                            "--multi-objective", "--verify-top", "0", "--out",
+                                            str(tmp_path / "plan.yaml"), "--json"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    front = json.loads(result.output)["pareto_front"]
+    assert front and all(a["predicted_ms"] <= b["predicted_ms"] for a, b in itertools.pairwise(front))
+    assert all(a["accuracy"] <= b["accuracy"] for a, b in itertools.pairwise(front))
+
+
+def test_optimize_for_the_ssh_board(tmp_path, demo):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peers.sshd import OpenSshServer
+
+    server = OpenSshServer(tmp_path / "sshd")
+    try:
+        known = tmp_path / "known_hosts"
+        known.write_text(server.known_hosts_line())
+        ssh = {"host": "127.0.0.1", "port": server.port, "user": server.user, "key": str(server.client_key),
+               "known_hosts": str(known)}  # fmt: skip
+        board = {"transport": "ssh", "runtime": "onnxruntime", "threads": 1, "workdir": str(tmp_path / "board"),
+                 "python": sys.executable, "ssh": ssh}  # fmt: skip
+        devices = tmp_path / "devices.yaml"
+        devices.write_text(yaml.safe_dump({"board": board}))
+        runner = CliRunner()
+        tables = tmp_path / "tables"
+        on_board = ["--device", "board", "--devices", str(devices), "--model", MODEL]
+        for args in (["profile", *on_board, "--rounds", "4", "--runs", "5", "--out", str(tables)],
+                     ["calibrate", *on_board, "--points", "3", "--rounds", "4", "--tables", str(tables)]):  # fmt: skip
+            done = runner.invoke(main, args)
+            assert done.exit_code == 0, done.output
+        target = round(demo["dense_ms"] * 0.75, 3)
+        result = runner.invoke(main, ["optimize", *on_board, "--checkpoint", str(demo["checkpoint"]), "--tables",
+                                      str(tables), "--target-ms", str(target), "--trials", "40", "--verify-top", "2",
+                                      "--out", str(tmp_path / "plan.yaml"), "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        plan = sp.PruningPlan.load(tmp_path / "plan.yaml")
+        assert plan.device == "board" and plan.measured_ms <= target
+    finally:
+        server.stop()
