@@ -80,8 +80,9 @@ def build_dataset(data: str, split: str, model: nn.Module | None = None, augment
     """Split ``split`` of ``data`` ("demo" or an ImageFolder root)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; splits are {SPLITS}")
-    if data == DEMO:
-        return DemoDigits(split, augment=augment and split == "train")
+    if data == DEMO:  # at the model's input size (32 for vit_demo_digits, upscaled for e.g. DeiT at 224)
+        size = int(model.patch_embed.img_size[0]) if getattr(model, "patch_embed", None) is not None else 32
+        return DemoDigits(split, augment=augment and split == "train", size=size)
     root = Path(data)
     if not root.exists():
         raise DataError(f"data path {root} does not exist (use --data demo for the embedded demo data)")

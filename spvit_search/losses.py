@@ -62,7 +62,9 @@ class LatencyPenalty(nn.Module):
         head = latency._head_fit
         self._sel = (sel.a, sel.b, sel.c)
         self._head = (head.a, head.b, head.c)
-        self._stages = [(s, loc) for s, (loc, k) in enumerate(zip(plan.locations, plan.keep, strict=True)) if k < 1.0]
+        previous = (1.0, *plan.keep)
+        # the stages that act in training (keep below the stage before), in the order they record
+        self._stages = [(s, loc) for s, loc in enumerate(plan.locations) if plan.keep[s] < previous[s]]
 
     def predicted_ms(self, kept_fraction: list[torch.Tensor]) -> torch.Tensor:
         lat, plan = self.latency, self.plan

@@ -95,7 +95,7 @@ def build_model(
                          f"{list(plan.locations)}")  # fmt: skip
     if state is not None and not selectors:
         apply_state(model, state, checkpoint, name)
-    if plan is not None and not plan.is_dense:
+    if plan is not None and (selectors or not plan.is_dense):
         prune(model, plan)
     if selectors:
         apply_state(model, state, checkpoint, f"{name} pruned by the plan")

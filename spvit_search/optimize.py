@@ -105,9 +105,13 @@ def load_search_model(model_name: str, settings: OptimizeSettings):
 
 
 def calibration_tensors(data: str, count: int, model) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = build_dataset(data, "calib", model)
-    n = min(count, len(dataset))
-    items = [dataset[i] for i in range(n)]
+    """``count`` images of the calibration split, topped up from the training split if it is smaller."""
+    items = []
+    for split in ("calib", "train"):
+        dataset = build_dataset(data, split, model)
+        items += [dataset[i] for i in range(min(count - len(items), len(dataset)))]
+        if len(items) >= count:
+            break
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
 
@@ -207,7 +211,7 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
             }  # fmt: skip
         passing = [c for c in measured.values() if not c["over_target"]]
         if passing:
-            return list(measured.values()), max(passing, key=lambda c: (c["accuracy"], -c["measured_ms"]))
+            return list(measured.values()), max(passing, key=lambda c: (c["accuracy"], c["measured_ms"]))
     return list(measured.values()), None
 
 

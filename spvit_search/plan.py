@@ -140,6 +140,21 @@ class PruningPlan:
                 f"location {self.locations[-1]} is outside the model: it has {depth} blocks (0..{depth - 1})"
             )
 
+    def without_idle_stages(self) -> PruningPlan:
+        """The same pruning without stages that keep as much as the stage before (they do nothing).
+
+        Fine-tuning drops them so that no selector is saved that was never trained. A plan
+        that prunes nothing is returned unchanged.
+        """
+        previous = (1.0, *self.keep)
+        active = [s for s in range(len(self.keep)) if self.keep[s] < previous[s]]
+        if not active or len(active) == len(self.keep):
+            return self
+        return self.replace(
+            locations=tuple(self.locations[s] for s in active), keep=tuple(self.keep[s] for s in active),
+            block_tokens=None,
+        )  # fmt: skip
+
     def replace(self, **changes: Any) -> PruningPlan:
         return dataclasses.replace(self, **changes)
 

@@ -173,12 +173,14 @@ def trial_plan(trial: optuna.trial.FrozenTrial, model_name: str) -> PruningPlan:
 
 
 def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanLatency, model_name: str):
-    """Evaluated feasible trials, best accuracy first, one per plan; predictions re-made with
-    the table's current calibration (it may have changed since the trial ran)."""
+    """Evaluated feasible trials, best accuracy first (then slowest within the target), one per
+    plan; predictions re-made with the table's current calibration (it may have changed)."""
     seen, ranked = set(), []
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.user_attrs.get("evaluated")]  # fmt: skip
-    for t in sorted(done, key=lambda t: (-t.values[0], t.user_attrs["predicted_ms"])):
+    # equal accuracy: the plan that keeps more tokens within the budget (calibration accuracy
+    # is a coarse estimate; the spare latency is better spent on tokens than left unused)
+    for t in sorted(done, key=lambda t: (-t.values[0], -t.user_attrs["predicted_ms"])):
         key = t.user_attrs["plan_key"]
         if key in seen:
             continue

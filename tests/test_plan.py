@@ -94,3 +94,12 @@ def test_default_locations():
     assert default_locations(12, 1) == (6,)
     with pytest.raises(PlanError):
         default_locations(3, 3)
+
+
+def test_without_idle_stages():
+    plan = PruningPlan(locations=(2, 3, 5), keep=(0.5, 0.5, 0.25), method="spvit", model="m")
+    trimmed = plan.without_idle_stages()
+    assert trimmed.locations == (2, 5) and trimmed.keep == (0.5, 0.25) and trimmed.model == "m"
+    assert PruningPlan(keep=(0.7, 0.49, 0.343)).without_idle_stages() == PruningPlan(keep=(0.7, 0.49, 0.343))
+    dense = PruningPlan(keep=(1.0, 1.0, 1.0))
+    assert dense.without_idle_stages() is dense

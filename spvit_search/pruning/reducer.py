@@ -35,10 +35,13 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class TokenReducer(nn.Module):
-    def __init__(self, scorer: nn.Module, keep: float, package_token: bool, tau: float = 1.0) -> None:
+    def __init__(
+        self, scorer: nn.Module, keep: float, package_token: bool, tau: float = 1.0, previous_keep: float = 1.0
+    ) -> None:
         super().__init__()
         self.scorer = scorer
         self.keep = keep
+        self.previous_keep = previous_keep  # a stage keeping as much as the one before does nothing
         self.package_token = package_token
         self.tau = tau
 
@@ -48,7 +51,7 @@ class TokenReducer(nn.Module):
     def forward(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
         if state.num_patches is None:
             state.num_patches = x.shape[1] - state.num_prefix - state.num_packages
-        if self.keep >= 1.0:
+        if self.keep >= self.previous_keep:  # in training too: it removes no token at inference
             return x
         if self.training and self.scorer.learned:
             return self._mask(x, state)

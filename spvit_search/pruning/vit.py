@@ -107,8 +107,9 @@ class VitFamily(ModelFamily):
         if current is not None and not same_layout:
             self.unpatch(model)
         if same_layout:  # keep trained selectors, change only how many tokens they keep
-            for loc, keep in zip(plan.locations, plan.keep, strict=True):
-                model.blocks[loc].token_selector.keep = keep
+            for loc, keep, previous in zip(plan.locations, plan.keep, (1.0, *plan.keep), strict=False):
+                reducer = model.blocks[loc].token_selector
+                reducer.keep, reducer.previous_keep = keep, previous
         else:
             self._install(model, plan)
         model.spvit_plan = plan
@@ -122,15 +123,14 @@ class VitFamily(ModelFamily):
             blk._spvit_state = state
             swap_class(blk, _PrunedBlock)
         ref = next(model.parameters())
-        previous = 1.0
-        for loc, keep in zip(plan.locations, plan.keep, strict=True):
+        for loc, keep, previous_keep in zip(plan.locations, plan.keep, (1.0, *plan.keep), strict=False):
             blk = model.blocks[loc]
             if plan.spec.learned_selector:
-                scorer = MultiHeadTokenSelector(model.embed_dim, blk.attn.num_heads, prior_keep=keep / previous)
-                previous = keep
+                scorer = MultiHeadTokenSelector(model.embed_dim, blk.attn.num_heads, prior_keep=keep / previous_keep)
             else:
                 scorer = ClsAttentionScorer(model.blocks[loc - 1].attn, model.num_prefix_tokens)
-            reducer = TokenReducer(scorer, keep, plan.package_token).to(device=ref.device, dtype=ref.dtype)
+            reducer = TokenReducer(scorer, keep, plan.package_token, previous_keep=previous_keep)
+            reducer = reducer.to(device=ref.device, dtype=ref.dtype)
             reducer.train(model.training)
             blk.token_selector = reducer
 

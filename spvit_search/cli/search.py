@@ -1,0 +1,153 @@
+"""Commands that search and run everything: optimize, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import main
+from ._common import (
+    device_for,
+    devices_option,
+    parse_list,
+    registry,
+    user_errors,
+)
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True)
+@click.option("--model", "model_name", required=True, help="timm model name")
+@click.option("--target-ms", type=float, required=True, help="latency budget on the device")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="plain (evit) or fine-tuned weights")
+@click.option("--data", default="demo", show_default=True, help="calibration images: 'demo' or an ImageFolder root")
+@click.option("--calib-images", type=int, default=256, show_default=True)
+@click.option("--objective", type=click.Choice(["accuracy", "agreement"]), default="accuracy", show_default=True,
+              help="top-1 vs labels, or vs the dense model's top-1 (no labels needed)")  # fmt: skip
+@click.option("--method", "methods", default="evit", show_default=True, help="method(s), e.g. evit or spvit")
+@click.option("--locations", default=None, help="selector locations (default: evenly spaced / the checkpoint's)")
+@click.option("--search-locations", is_flag=True, help="search the locations too (training-free methods)")
+@click.option("--stages", type=int, default=3, show_default=True)
+@click.option("--trials", type=int, default=300, show_default=True)
+@click.option("--min-keep-factor", type=float, default=0.3, show_default=True, help="smallest per-stage keep factor")
+@click.option("--step", type=float, default=0.05, show_default=True, help="grid of the keep factors")
+@click.option("--storage", default=None, help="journal:FILE, sqlite:///FILE or a PostgreSQL URL (resumable)")
+@click.option("--study", "study_name", default=None, help="study name in the storage")
+@click.option("--workers", type=int, default=1, show_default=True, help="processes on the shared storage")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--multi-objective", is_flag=True, help="accuracy vs latency Pareto front")
+@click.option(
+    "--verify-top", type=int, default=3, show_default=True, help="candidates measured on the device (0: none)"
+)
+@click.option("--threads", type=int, default=None)
+@click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="plan.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_file", default=None, type=click.Path(dir_okay=False), help="PNG (default: beside --out)")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--worker", is_flag=True, hidden=True)
+@devices_option
+@click.pass_context
+@user_errors
+def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_images, objective, methods, locations,
+             search_locations, stages, trials, min_keep_factor, step, storage, study_name, workers, sampler, seed,
+             multi_objective, verify_top, threads, tables, out, plot_file, as_json, worker, devices_file):  # fmt: skip
+    """Search keep ratios that meet --target-ms on DEVICE with the best accuracy; write plan.yaml."""
+    from pathlib import Path
+
+    from ..optimize import OptimizeSettings, plot_trials, run_study
+    from ..optimize import optimize as run_optimize
+
+    chosen = parse_list(methods, str, "--method")
+    unknown = [m for m in chosen if m not in __import__("spvit_search").METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method(s) {unknown}", param_hint="--method")
+    device = device_for(devices_file, device_name, threads)
+    settings = OptimizeSettings(
+        target_ms=target_ms, checkpoint=checkpoint, data=data, calib_images=calib_images, objective=objective,
+        methods=chosen, locations=parse_list(locations, int, "--locations"), search_locations=search_locations,
+        stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
+        workers=workers, sampler=sampler, seed=None if worker else seed, multi_objective=multi_objective,
+        verify_top=verify_top, tables=tables, progress=not as_json,
+    )  # fmt: skip
+    if worker:
+        run_study(model_name, device, settings, worker_only=True)
+        return
+    argv = [a for a in sys.argv[1:] if a != "--worker"]
+    result = run_optimize(model_name, device, settings, out, worker_argv=argv)
+    png = plot_trials(result, settings, plot_file or Path(out).with_suffix(".png"),
+                      f"{model_name} on {device.name}, target {target_ms:g} ms")  # fmt: skip
+    plan = result.plan
+    summary = {
+        "plan_file": str(out), "plot": str(png), "plan": plan.to_dict(), "accuracy": result.accuracy,
+        "target_ms": target_ms, "predicted_ms": result.predicted_ms, "measured_ms": result.measured_ms,
+        "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
+        "candidates": result.candidates,
+    }  # fmt: skip
+    if multi_objective:
+        summary["pareto_front"] = [
+            {"trial": t.number, "accuracy": t.values[0], "predicted_ms": t.values[1], "keep": t.user_attrs["keep"],
+             "method": t.user_attrs["method"], "locations": t.user_attrs["locations"]}
+            for t in sorted(result.study.best_trials, key=lambda t: t.values[1])
+        ]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    c = result.counts
+    measured = "not measured" if result.measured_ms is None else f"measured {result.measured_ms:.3f} ms"
+    click.echo(f"{out}: {model_name} {plan.method} keep={list(plan.keep)} at {list(plan.locations)}, "
+               f"calibration top-1 {result.accuracy:.2f}%")  # fmt: skip
+    click.echo(f"  target {target_ms:g} ms | predicted {result.predicted_ms:.3f} ms | {measured} "
+               f"on {device.name} ({device.runtime}, {device.threads} thread(s)); fastest possible "
+               f"{result.fastest_ms:.3f} ms")  # fmt: skip
+    click.echo(f"  {c['trials']} trials: {c['evaluated']} evaluated, {c['duplicates']} duplicates reused, "
+               f"{c['pruned']} pruned early, {c['infeasible']} infeasible (not evaluated); "
+               f"{result.seconds:.1f} s")  # fmt: skip
+    if result.candidates:
+        click.echo("  measured on the device:   trial  method  keep                    top-1   predicted  measured")
+        for r in result.candidates:
+            flag = "  over target, dropped" if r["over_target"] else ""
+            click.echo(f"  {'':24}{r['trial']:5d}  {r['method']:6}  {r['keep']!s:22} {r['accuracy']:6.2f}%  "
+                       f"{r['predicted_ms']:8.3f}  {r['measured_ms']:8.3f}{flag}")  # fmt: skip
+    if multi_objective:
+        click.echo(f"  Pareto front: {len(summary['pareto_front'])} plans (see --json)")
+    click.echo(f"  plot: {png}")
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True)
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--target-ratio", type=float, default=0.7, show_default=True, help="target = ratio × dense latency")
+@click.option("--target-ms", type=float, default=None, help="an absolute target instead")
+@click.option("--dense-epochs", type=int, default=50, show_default=True)
+@click.option("--finetune-epochs", type=int, default=30, show_default=True)
+@click.option("--trials", type=int, default=300, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@devices_option
+@user_errors
+def demo(device_name, out, target_ratio, target_ms, dense_epochs, finetune_epochs, trials, as_json, devices_file):
+    """End to end on this host: train, profile, optimize, fine-tune, export, measure."""
+    from pathlib import Path
+
+    from ..demo import DemoSettings, run_demo
+
+    settings = DemoSettings(Path(out), target_ratio, target_ms, dense_epochs, finetune_epochs, trials, not as_json)
+    s = run_demo(registry(devices_file).get(device_name), settings)
+    if as_json:
+        click.echo(json.dumps(s, indent=2, default=str))
+        return
+    d, p = s["dense"], s["pruned"]
+    plan = p["plan"]
+    click.echo(f"\n{'':24}{'test top-1':>11}{'GMACs':>9}{'latency (ms)':>15}   on {s['device']}, {s['runtime']}, "
+               f"{s['threads']} thread(s)")  # fmt: skip
+    click.echo(f"{'dense vit_demo_digits':24}{d['test_top1']:10.2f}%{d['gmacs']:9.4f}{d['measured_ms']:12.3f} "
+               "measured")  # fmt: skip
+    click.echo(f"{'SPViT ' + plan['method'] + ' pruned':24}{p['test_top1']:10.2f}%{p['gmacs']:9.4f}"
+               f"{p['measured_ms']:12.3f} measured (ONNX file: {p['exported_onnx_ms']:.3f})")  # fmt: skip
+    click.echo(f"target {s['target_ms']:g} ms | predicted {p['predicted_ms']:.3f} ms | measured "
+               f"{p['measured_ms']:.3f} ms | keep {plan['keep']} before blocks {plan['locations']} | ONNX same "
+               f"top-1 {p['onnx_same_top1']}")  # fmt: skip
+    click.echo(f"done in {s['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["steps_seconds"].items()))
+    click.echo(f"files: {s['files']['plan']}, {s['files']['onnx']}, plots {', '.join(s['files']['plots'])}")
