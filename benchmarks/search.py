@@ -33,7 +33,7 @@ from spvit_search.models import build_model
 from spvit_search.optimize import OptimizeSettings, calibration_tensors, run_study
 from spvit_search.predictor import PlanLatency
 from spvit_search.profile import profile_model
-from spvit_search.search import SearchSpace, create_study, make_objective
+from spvit_search.search import SearchSpace, create_study, make_objective, trial_accuracy
 
 DEMO = "vit_demo_digits"
 
@@ -43,7 +43,7 @@ def best_curve(study: optuna.Study, marks: list[int]) -> list[float]:
     trials = sorted(study.trials, key=lambda t: t.number)
     for i, t in enumerate(trials, 1):
         if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated"):
-            best = max(best, t.values[0])
+            best = max(best, trial_accuracy(t))
         if i in marks:
             curve.append(best)
     return curve
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. DeiT-T at 224, 256 calibration images, 300 trials
     deit = "deit_tiny_patch16_224"
-    deit_dense = build_model(deit, num_classes=10)
+    deit_dense = build_model(deit)
     deit_latency = PlanLatency.for_device(device, deit_dense, deit)
     deit_target = deit_latency.predict(sp.PruningPlan(locations=(6,), keep=(1.0,))).total_ms * args.target_ratio
     deit_settings = OptimizeSettings(target_ms=deit_target, objective="agreement", trials=300, verify_top=0,

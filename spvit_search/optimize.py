@@ -32,7 +32,15 @@ from .measure import measure_models
 from .models import build_model, read_state
 from .plan import METHODS, PruningPlan, default_locations
 from .predictor import PlanLatency
-from .search import SearchError, SearchSpace, create_study, feasible_ranked, make_objective, open_storage
+from .search import (
+    SearchError,
+    SearchSpace,
+    create_study,
+    feasible_ranked,
+    make_objective,
+    open_storage,
+    trial_accuracy,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -158,7 +166,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         bar.n = min(settings.trials, len(study.get_trials(deepcopy=False, states=COUNTED)))
         best = _best_feasible(study, settings)
         if best is not None:
-            bar.set_postfix_str(f"best feasible {best.values[0]:.2f}% @ {best.user_attrs['predicted_ms']:.2f} ms")
+            bar.set_postfix_str(f"best feasible {trial_accuracy(best):.2f}% @ {best.user_attrs['predicted_ms']:.2f} ms")
         bar.refresh()
 
     if done < settings.trials:
@@ -173,7 +181,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
 def _best_feasible(study: optuna.Study, settings: OptimizeSettings):
     trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
               if t.user_attrs.get("evaluated")]  # fmt: skip
-    return max(trials, key=lambda t: t.values[0], default=None)
+    return max(trials, key=lambda t: (trial_accuracy(t), t.user_attrs["predicted_ms"]), default=None)
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
@@ -206,7 +214,7 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
         for t, plan, predicted in batch:
             ms = timings[f"c{t.number}"].median_ms
             measured[t.user_attrs["plan_key"]] = {
-                "trial": t.number, "plan": plan, "accuracy": t.values[0], "predicted_ms": predicted,
+                "trial": t.number, "plan": plan, "accuracy": trial_accuracy(t), "predicted_ms": predicted,
                 "measured_ms": ms, "over_target": ms > settings.target_ms,
             }  # fmt: skip
         passing = [c for c in measured.values() if not c["over_target"]]
@@ -235,7 +243,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
         plan, accuracy, measured = chosen["plan"], chosen["accuracy"], chosen["measured_ms"]
     else:
         candidates, (trial, plan, _) = [], ranked[0]
-        accuracy, measured = trial.values[0], None
+        accuracy, measured = trial_accuracy(trial), None
     predicted = latency.predict(plan).total_ms
     table = table_path(settings.tables, device.name, device.runtime, device.threads, device.batch)
     plan = plan.replace(
@@ -268,14 +276,14 @@ def plot_trials(result: OptimizeResult, settings: OptimizeSettings, path: str | 
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated")]
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and "predicted_ms" in t.user_attrs]
     infeasible = [t for t in trials if t.user_attrs.get("evaluated") is False]
-    ax.scatter([t.user_attrs["predicted_ms"] for t in done], [t.values[0] for t in done], s=10, label="evaluated")
+    ax.scatter([t.user_attrs["predicted_ms"] for t in done], [trial_accuracy(t) for t in done], s=10, label="evaluated")
     if pruned:
         ax.scatter([t.user_attrs["predicted_ms"] for t in pruned],
                    [t.intermediate_values.get(0, float("nan")) for t in pruned], s=8, marker="x", alpha=0.5,
                    label="pruned early (subset accuracy)")  # fmt: skip
     for t in infeasible:
         ax.axvline(t.user_attrs["predicted_ms"], color="0.85", lw=0.5, zorder=0)
-    front = sorted(((t.user_attrs["predicted_ms"], t.values[0]) for t in done), key=lambda p: p[0])
+    front = sorted(((t.user_attrs["predicted_ms"], trial_accuracy(t)) for t in done), key=lambda p: p[0])
     best, line = -1.0, []
     for ms, acc in front:
         if acc > best:

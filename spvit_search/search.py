@@ -139,14 +139,28 @@ def make_objective(
         earlier = _same_plan(trial, plan_key(plan))
         if earlier is not None:
             trial.set_user_attr("duplicate_of", earlier.number)
-            accuracy = earlier.values[0]
+            accuracy = trial_accuracy(earlier)
         else:
             report = None if multi_objective else _pruning_report(trial)
             accuracy = evaluator.evaluate(plan, report)
         trial.set_user_attr("evaluated", True)
-        return (accuracy, predicted) if multi_objective else accuracy
+        trial.set_user_attr("accuracy", accuracy)
+        if multi_objective:
+            return accuracy, predicted
+        # Among equally accurate plans, the one that uses more of the budget: a bonus far below
+        # one image's worth of accuracy, so it only orders ties — and once accuracy saturates
+        # it still gives TPE a direction (towards the target) instead of none.
+        return accuracy + TIE_BONUS * predicted / target_ms if target_ms else accuracy
 
     return objective
+
+
+TIE_BONUS = 1e-3  # accuracy points, at the target; calibration sets are far smaller than 10⁵ images
+
+
+def trial_accuracy(trial: optuna.trial.FrozenTrial) -> float:
+    """Calibration accuracy (%) of an evaluated trial (its objective value may hold a tie-break)."""
+    return trial.user_attrs.get("accuracy", trial.values[0])
 
 
 def _pruning_report(trial: optuna.Trial) -> Callable[[float], bool]:
@@ -180,7 +194,7 @@ def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanL
             if t.user_attrs.get("evaluated")]  # fmt: skip
     # equal accuracy: the plan that keeps more tokens within the budget (calibration accuracy
     # is a coarse estimate; the spare latency is better spent on tokens than left unused)
-    for t in sorted(done, key=lambda t: (-t.values[0], -t.user_attrs["predicted_ms"])):
+    for t in sorted(done, key=lambda t: (-trial_accuracy(t), -t.user_attrs["predicted_ms"])):
         key = t.user_attrs["plan_key"]
         if key in seen:
             continue
