@@ -10,6 +10,7 @@
    calibration images (demo digits upscaled), the shipped local table: 300 TPE trials.
 
     python benchmarks/search.py [--dense runs/demo/dense/model.pt] [--json out.json] [--plot out.png]
+    python benchmarks/search.py --replot out.json [--plot out.png]
 """
 
 from __future__ import annotations
@@ -49,13 +50,40 @@ def best_curve(study: optuna.Study, marks: list[int]) -> list[float]:
     return curve
 
 
+def plot(out: dict, path: Path) -> None:
+    """Best feasible accuracy vs trials for each sampler, against the grid optimum."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for sampler, color in (("tpe", "C0"), ("random", "C1")):
+        marks = sorted(int(m) for m in out[sampler]["best_after"])
+        means = [np.mean(out[sampler]["best_after"][str(m)]) for m in marks]
+        ax.plot(marks, means, "o-", color=color, label=f"{sampler} (mean of 3 seeds)")
+    ax.axhline(out["grid"]["best_accuracy"], color="k", ls="--", lw=1,
+               label=f"exhaustive coarse grid ({out['grid']['plans']} plans)")  # fmt: skip
+    ax.set_xlabel("trials")
+    ax.set_ylabel("best feasible calibration top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", type=Path, default=Path("runs/demo/dense/model.pt"))
     ap.add_argument("--target-ratio", type=float, default=0.7)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--replot", type=Path, default=None, help="only draw --plot from this earlier --json output")
     args = ap.parse_args(argv)
+    if args.replot:
+        out = json.loads(args.replot.read_text())
+        plot(out, args.plot or args.replot.with_suffix(".png"))
+        return out
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not args.dense.exists():
         print(f"training the demo model into {args.dense.parent} ...", file=sys.stderr)
@@ -122,22 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"DeiT-T @224, 256 images: 300 TPE trials in {out['deit_t_300_trials_s']} s ({out['deit_t_trials']})")
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for sampler, color in (("tpe", "C0"), ("random", "C1")):
-            means = [np.mean(out[sampler]["best_after"][str(m)]) for m in marks]
-            ax.plot(marks, means, "o-", color=color, label=f"{sampler} (mean of 3 seeds)")
-        ax.axhline(grid_best, color="k", ls="--", lw=1, label="exhaustive coarse grid (125 plans)")
-        ax.set_xlabel("trials")
-        ax.set_ylabel("best feasible calibration top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
+        plot(out, args.plot)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return out
