@@ -30,7 +30,7 @@ from adb_shell.transport.tcp_transport import TcpTransport
 
 from spvit_search.devices import expand_path
 
-from .base import Job, MeasureSettings, Profiler, ProfilerError
+from .base import Job, MeasureSettings, ProfilerError, RemoteProfiler
 from .parsers import (
     ParseError,
     cpu_temperature,
@@ -102,7 +102,7 @@ def open_device(serial: str, connection: str, timeout_s: float) -> AdbDevice:
     return AdbDevice(NoDelayTcpTransport(host, int(port)), default_transport_timeout_s=timeout_s)
 
 
-class AdbProfiler(Profiler):
+class AdbProfiler(RemoteProfiler):
     chunk_points = 8
 
     def __init__(self, device) -> None:
@@ -144,9 +144,6 @@ class AdbProfiler(Profiler):
             self.adb.close()
             self.adb = None
 
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.workdir.rstrip("/"), *parts])
-
     def shell(self, command: str, doing: str, timeout_s: float | None = None) -> str:
         if self.adb is None or not self.adb.available:
             raise ProfilerError(f"{self.where()}: not connected ({doing})")
@@ -155,7 +152,7 @@ class AdbProfiler(Profiler):
         except _ADB_ERRORS as err:
             raise ProfilerError(f"{self.where()}: connection lost while {doing}: {err or type(err).__name__}") from None
 
-    def push(self, local: Path, remote: str) -> None:
+    def upload(self, local: Path, remote: str) -> None:
         try:
             self.adb.push(str(local), remote, read_timeout_s=self.cfg.push_timeout_s,
                           transport_timeout_s=self.cfg.push_timeout_s)  # fmt: skip
@@ -243,13 +240,7 @@ class AdbProfiler(Profiler):
         return command
 
     def measure(self, jobs: list[Job], settings: MeasureSettings, on_round=None) -> dict[tuple[str, int], Timing]:
-        remote: dict[Path, str] = {}
-        for job in jobs:
-            for n in job.tokens:
-                local = job.artifact.file_for(n)
-                if local not in remote:
-                    remote[local] = self._path("parts", local.name)
-                    self.push(local, remote[local])
+        remote = self.upload_parts(jobs)
         parse = parse_benchmark_model if self.device.runtime == "tflite" else parse_onnxruntime_perf_test
         calls = []  # commands name files relative to the work folder: an OPEN payload is size-limited
         for job in jobs:

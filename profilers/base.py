@@ -8,6 +8,7 @@ failed or printed garbage) are :class:`ProfilerError` and name the device, file 
 
 from __future__ import annotations
 
+import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,3 +130,27 @@ class Profiler(ABC):
 
     def where(self) -> str:
         return f"device {self.device.name!r} ({self.device.transport})"
+
+
+class RemoteProfiler(Profiler):
+    """A profiler that copies part files into a work folder on the device before timing them."""
+
+    workdir: str
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.workdir, *parts)
+
+    @abstractmethod
+    def upload(self, local: Path, remote: str) -> None:
+        """Copy one file to ``remote`` on the device; failures are ProfilerErrors naming the file."""
+
+    def upload_parts(self, jobs: list[Job]) -> dict[Path, str]:
+        """Every distinct part file of ``jobs`` copied once into ``parts/``: local -> remote path."""
+        remote: dict[Path, str] = {}
+        for job in jobs:
+            for n in job.tokens:
+                local = job.artifact.file_for(n)
+                if local not in remote:
+                    remote[local] = self._path("parts", local.name)
+                    self.upload(local, remote[local])
+        return remote

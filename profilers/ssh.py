@@ -19,7 +19,7 @@ import paramiko
 
 from spvit_search.devices import expand_path
 
-from .base import Job, MeasureSettings, Profiler, ProfilerError
+from .base import Job, MeasureSettings, ProfilerError, RemoteProfiler
 from .parsers import PARSERS
 from .protocol import Timing
 from .toolrun import ToolCall, run_tool_rounds
@@ -29,7 +29,7 @@ RUNNER_FILES = ("board_runner.py", "protocol.py")
 RESULT = "@@result "
 
 
-class SshProfiler(Profiler):
+class SshProfiler(RemoteProfiler):
     chunk_points = 16
 
     def __init__(self, device) -> None:
@@ -86,7 +86,7 @@ class SshProfiler(Profiler):
         self._run(f"mkdir -p {shlex.quote(self._path('parts'))}", "creating the work folder")
         if self.device.runtime == "onnxruntime":
             for name in RUNNER_FILES:
-                self._put(_HERE / name, self._path(name))
+                self.upload(_HERE / name, self._path(name))
 
     def close(self) -> None:
         try:
@@ -101,10 +101,7 @@ class SshProfiler(Profiler):
                 self.client.close()
             self.client = self.sftp = None
 
-    def _path(self, *parts: str) -> str:
-        return posixpath.join(self.workdir, *parts)
-
-    def _put(self, local: Path, remote: str) -> None:
+    def upload(self, local: Path, remote: str) -> None:
         try:
             self.sftp.put(str(local), remote)
         except (OSError, EOFError, paramiko.SSHException) as err:
@@ -207,18 +204,8 @@ class SshProfiler(Profiler):
         return result
 
     # -- measuring ------------------------------------------------------------------------------
-    def _push_job_files(self, jobs: list[Job]) -> dict[Path, str]:
-        remote: dict[Path, str] = {}
-        for job in jobs:
-            for n in job.tokens:
-                local = job.artifact.file_for(n)
-                if local not in remote:
-                    remote[local] = self._path("parts", local.name)
-                    self._put(local, remote[local])
-        return remote
-
     def measure(self, jobs: list[Job], settings: MeasureSettings, on_round=None) -> dict[tuple[str, int], Timing]:
-        remote = self._push_job_files(jobs)
+        remote = self.upload_parts(jobs)
         if self.device.runtime == "command":
             return self._measure_command(jobs, remote, settings, on_round)
         items = [
@@ -232,7 +219,7 @@ class SshProfiler(Profiler):
                 "items": items}  # fmt: skip
         job_file = Path(self._local_tmp()) / "job.json"
         job_file.write_text(json.dumps(spec))
-        self._put(job_file, self._path("parts", "job.json"))
+        self.upload(job_file, self._path("parts", "job.json"))
         start = time.perf_counter()
         result = self._runner_result(
             [self.device.python, "board_runner.py", posixpath.join("parts", "job.json")],

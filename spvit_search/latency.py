@@ -11,9 +11,7 @@ sparse grid is measured and each signature gets a least-squares fit ``a + b·N +
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import SpvitError
+from .records import append_csv_rows
 
 SCHEMA_VERSION = 1
 COLUMNS = (
@@ -117,15 +116,7 @@ class LatencyTable:
             if missing:
                 raise ValueError(f"row for {row.get('signature')} lacks {missing}")
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.path.exists() or self.path.stat().st_size == 0
-            with self.path.open("a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
-                if new:
-                    writer.writeheader()
-                writer.writerows(rows)
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_csv_rows(self.path, COLUMNS, rows)
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
         self._set_rows(pd.concat([self.rows, frame], ignore_index=True) if len(self.rows) else frame)
 

@@ -35,6 +35,7 @@ from .errors import SpvitError
 from .losses import distillation_kl, kept_token_mse, ratio_loss
 from .plan import PruningPlan
 from .pruning import pruning_state
+from .records import append_csv_rows
 
 METRIC_FIELDS = (
     "epoch", "lr", "loss", "task", "ratio", "distill", "tokens", "latency", "kept", "eval_acc", "eval_loss", "seconds",
@@ -174,17 +175,6 @@ def _write_rows(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _append_row(path: Path, fields: tuple[str, ...], row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def plot_curve(metrics: Path, png: Path, title: str) -> None:
@@ -338,7 +328,7 @@ def fit(
                 bar.set_postfix(loss=f"{float(logged):.3f}")
             if rank == 0:
                 step_row = {"step": step, "epoch": epoch + 1, "loss": f"{float(logged):.6f}", "lr": f"{lr:.6g}"}
-                _append_row(steps_csv, ("step", "epoch", "loss", "lr"), step_row)
+                append_csv_rows(steps_csv, ("step", "epoch", "loss", "lr"), [step_row])
         bar.close()
 
         if rank == 0:
@@ -354,7 +344,7 @@ def fit(
             for key in ("loss", "task", "ratio", "distill", "tokens", "latency"):
                 row[key] = f"{sums.get(key, 0.0) / steps_per_epoch:.5f}"
             history.append(row)
-            _append_row(metrics_csv, METRIC_FIELDS, row)
+            append_csv_rows(metrics_csv, METRIC_FIELDS, [row])
             _save_atomic({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "epoch": epoch + 1, "step": step, "rng": torch.get_rng_state(),
                           "config": asdict(cfg)}, last)  # fmt: skip

@@ -134,16 +134,7 @@ def test_dropped_connection_keeps_rows_and_rerun_resumes(tmp_path, adb_key):
     device2.close()
     table = tmp_path / "tables" / "phone" / "onnxruntime-t1-b1.csv"
 
-    def cut_after_first_chunk() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if table.exists() and len(table.read_text().splitlines()) > 1:
-                proxy.cut()
-                return
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=cut_after_first_chunk, daemon=True)
-    watcher.start()
+    watcher = proxy.cut_once_rows_written(table)
     first = _profile(devices, tmp_path / "tables")
     watcher.join()
     assert first.exit_code == 2, first.output

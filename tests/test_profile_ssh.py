@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -119,16 +117,7 @@ def test_dropped_connection_keeps_rows_and_rerun_resumes(tmp_path, sshd):
     devices = _registry(tmp_path, sshd, port=proxy.port)
     table = tmp_path / "tables" / "board" / "onnxruntime-t1-b1.csv"
 
-    def cut_after_first_chunk() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if table.exists() and len(table.read_text().splitlines()) > 1:
-                proxy.cut()
-                return
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=cut_after_first_chunk, daemon=True)
-    watcher.start()
+    watcher = proxy.cut_once_rows_written(table)
     first = _profile(devices, tmp_path / "tables")
     watcher.join()
     assert first.exit_code == 2, first.output

@@ -76,6 +76,24 @@ class CuttableProxy:
                 s.close()
             self._sockets.clear()
 
+    def cut_once_rows_written(self, table, timeout: float = 120.0) -> threading.Thread:
+        """Cut the link as soon as the latency table ``table`` holds its first row (mid-profile).
+
+        Returns the watching thread; join it after the profile run.
+        """
+
+        def watch() -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if table.exists() and len(table.read_text().splitlines()) > 1:
+                    self.cut()
+                    return
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        return watcher
+
     def restore(self) -> None:
         self._refusing = False
 
