@@ -1,21 +1,33 @@
-"""Accuracy of the methods on the embedded demo data, one plan for all.
+"""Accuracy of the pruning methods at one plan, over seeds, on the digits and on Fashion-MNIST.
 
-Runs the real commands: `spvit-search train` (dense model, the teacher), then for the same
-plan `spvit-search finetune` with `spvit` (package token) and `hard` (no package token) and
-the same settings, and scores `evit` training-free on the dense checkpoint (and fine-tuned,
-for reference). Reports test top-1 (400 images) and the FLOPs reduction of each pruned model.
+Runs the real commands for every cell (data set × seed × variant): `spvit-search train` for the
+dense model of that seed (the teacher of every fine-tune of that seed), `spvit-search finetune`
+for each method with the same settings, and scores `evit` training-free on the dense checkpoint.
+The ablations (Fashion-MNIST by default) change one thing of the `spvit` fine-tune each.
 
-    python benchmarks/accuracy.py [--locations 2,4] [--keep 0.55,0.3] [--epochs 30] [--out runs/accuracy]
-                                  [--dense runs/dense/model.pt] [--json out.json]
+Every cell's result is written as it finishes, to ``OUT/<data>/seed<S>/<variant>.json`` and
+into ``--results`` (committed: a rerun, or a later session, skips the cells it holds with the
+same settings). No selection on the test split: every model is the last epoch of its run; the
+calibration split is what the training curves are drawn on.
+
+    python benchmarks/accuracy.py [--data digits,fashion] [--seeds 0,1,2] [--suite main,ablations]
+                                  [--jobs 2] [--out runs/accuracy] [--results benchmarks/results/accuracy.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
+import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,68 +35,257 @@ import torch
 import spvit_search as sp
 from spvit_search.data import build_dataset
 from spvit_search.models import build_model
+from spvit_search.plan import kept_count
 from spvit_search.train import evaluate
 
-MODEL = "vit_demo_digits"
+LOCATIONS, KEEP = (2, 4), (0.55, 0.3)
 
 
-def run(*args: str) -> float:
+@dataclass(frozen=True)
+class DataSetting:
+    """How one data set is trained: the same recipe for every seed and method."""
+
+    name: str
+    data: str
+    model: str
+    dense_epochs: int
+    dense_lr: float
+    finetune_epochs: int
+    train_subset: int | None
+
+
+SETTINGS = {
+    "digits": DataSetting("digits", "demo", "vit_demo_digits", 50, 2e-3, 20, None),
+    "fashion": DataSetting("fashion", "fashion", "vit_demo_fashion", 8, 2e-3, 3, 8000),
+}
+
+# variant -> (method, extra finetune arguments, what it shows)
+MAIN = {
+    "spvit": ("spvit", [], "learned selector + package token, exact top-k in training"),
+    "hard": ("hard", [], "learned selector, pruned tokens dropped"),
+    "evit": ("evit", [], "class-attention scorer + fused token"),
+}
+ABLATIONS = {
+    "spvit-sampled": ("spvit", ["--train-count", "sampled"], "Gumbel-sampled decisions + ratio loss (as published)"),
+    "spvit-nodistill": ("spvit", ["--distill-weight", "0", "--token-weight", "0"], "no distillation"),
+    "spvit-latency": ("spvit", ["--latency-weight", "1.0"], "latency-aware loss on (target 90% of the plan's)"),
+}
+_print_lock = threading.Lock()
+_results_lock = threading.Lock()
+
+
+def log(text: str) -> None:
+    with _print_lock:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_cli(args: list[str], threads: int, logfile: Path) -> float:
     start = time.perf_counter()
-    print("$ spvit-search " + " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "spvit_search.cli", *args], check=True, stdout=subprocess.DEVNULL)
+    log("$ spvit-search " + " ".join(args))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("w") as fh:
+        done = subprocess.run([sys.executable, "-m", "spvit_search.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                              env=env)  # fmt: skip
+    if done.returncode:
+        raise SystemExit(f"failed (exit {done.returncode}): spvit-search {' '.join(args)}; see {logfile}")
     return time.perf_counter() - start
+
+
+def curve(metrics: Path) -> dict:
+    """Final training-mode kept fractions and the largest epoch-to-epoch drop of calib top-1."""
+    with metrics.open() as fh:
+        rows = list(csv.DictReader(fh))
+    acc = [float(r["eval_acc"]) for r in rows]
+    drops = [a - b for a, b in itertools.pairwise(acc[1:])]  # after the first (warm-up) epoch
+    kept = [float(v) for v in rows[-1]["kept"].split("/")] if rows[-1].get("kept") else None
+    return {"calib_curve": acc, "max_drop_after_warmup": round(max(drops, default=0.0), 3), "train_kept": kept}
+
+
+def gathered_fractions(model: torch.nn.Module, num_patches: int) -> list[float]:
+    """Kept fractions of a training-free scorer: it gathers exact counts in training as at inference."""
+    return [kept_count(k, num_patches) / num_patches for k in model.spvit_plan.keep]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.results_file: Path = args.results
+        old = json.loads(self.results_file.read_text()) if self.results_file.exists() else {}
+        self.results = old if "cells" in old else {"cells": {}}  # a file of the one-seed benchmark is replaced
+        self.tests: dict[str, object] = {}
+
+    def key(self, setting: DataSetting, seed: int, variant: str) -> str:
+        return f"{setting.name}/seed{seed}/{variant}"
+
+    def done(self, setting: DataSetting, seed: int, variant: str) -> dict | None:
+        cell = self.results["cells"].get(self.key(setting, seed, variant))
+        return cell if cell and cell.get("setting") == asdict(setting) else None
+
+    def record(self, setting: DataSetting, seed: int, variant: str, cell: dict) -> None:
+        cell = {"setting": asdict(setting), **cell}
+        path = self.args.out / setting.name / f"seed{seed}" / f"{variant}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell, indent=1))
+        with _results_lock:
+            self.results["cells"][self.key(setting, seed, variant)] = cell
+            self.results_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.results_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1))
+            os.replace(tmp, self.results_file)
+        log(f"{self.key(setting, seed, variant)}: test top-1 {cell['test_top1']:.2f}%")
+
+    def test_set(self, setting: DataSetting, model: torch.nn.Module):
+        if setting.name not in self.tests:
+            self.tests[setting.name] = build_dataset(setting.data, "test", model)
+        return self.tests[setting.name]
+
+    def score(self, setting: DataSetting, checkpoint: Path, method: str | None) -> tuple[dict, torch.nn.Module]:
+        plan = None if method is None else sp.PruningPlan(LOCATIONS, KEEP, method=method, model=setting.model)
+        model = build_model(setting.model, checkpoint, plan).eval()
+        top1 = evaluate(model, self.test_set(setting, model), torch.device("cpu"))[0]
+        return {"test_top1": top1, "macs": sp.count_flops(model).macs}, model
+
+    def seed_pipeline(self, setting: DataSetting, seed: int, variants: dict, threads: int) -> None:
+        root = self.args.out / setting.name / f"seed{seed}"
+        dense_ckpt = root / "dense" / "model.pt"
+        common = ["--data", setting.data, "--seed", str(seed)]
+        if setting.train_subset:
+            common += ["--train-subset", str(setting.train_subset)]
+        need_dense = not self.done(setting, seed, "dense") or any(not self.done(setting, seed, v) for v in variants)
+        if need_dense and not dense_ckpt.exists():
+            seconds = run_cli(["train", "--model", setting.model, "--out", str(root / "dense"), "--epochs",
+                               str(setting.dense_epochs), "--lr", str(setting.dense_lr), *common], threads,
+                              root / "dense.log")  # fmt: skip
+        else:
+            seconds = None
+        if not self.done(setting, seed, "dense"):
+            cell, _ = self.score(setting, dense_ckpt, None)
+            self.record(setting, seed, "dense", {**cell, "seconds": seconds, **curve(root / "dense" / "metrics.csv")})
+        dense_macs = self.results["cells"][self.key(setting, seed, "dense")]["macs"]
+        if not self.done(setting, seed, "evit-free"):
+            cell, model = self.score(setting, dense_ckpt, "evit")
+            num_patches = model.patch_embed.num_patches
+            reduction = 100 * (1 - cell["macs"] / dense_macs)
+            kept = gathered_fractions(model, num_patches)
+            self.record(setting, seed, "evit-free", {**cell, "train_kept": kept, "flops_reduction_pct": reduction})
+        for variant, (method, extra, _) in variants.items():
+            if self.done(setting, seed, variant):
+                continue
+            plan = sp.PruningPlan(LOCATIONS, KEEP, method=method, model=setting.model)
+            plan_file = plan.save(root / f"{method}.yaml")
+            if "--latency-weight" in extra:
+                extra = [*extra, "--target-ms", str(self.latency_target(setting, plan)), "--tables",
+                         str(self.args.out / "tables")]  # fmt: skip
+            out = root / variant
+            seconds = run_cli(["finetune", "--plan", str(plan_file), "--checkpoint", str(dense_ckpt), "--out", str(out),
+                               "--epochs", str(setting.finetune_epochs), *common, *extra], threads,
+                              root / f"{variant}.log")  # fmt: skip
+            cell, model = self.score(setting, out / "model.pt", method)
+            stats = curve(out / "metrics.csv")
+            if stats["train_kept"] is None:
+                stats["train_kept"] = gathered_fractions(model, model.patch_embed.num_patches)
+            reduction = 100 * (1 - cell["macs"] / dense_macs)
+            self.record(
+                setting,
+                seed,
+                variant,
+                {**cell, **stats, "seconds": round(seconds, 1), "flops_reduction_pct": reduction},
+            )
+
+    _latency_lock = threading.Lock()
+
+    def latency_target(self, setting: DataSetting, plan: sp.PruningPlan) -> float:
+        """90% of the plan's predicted latency on this host: the loss then has something to push."""
+        from spvit_search.devices import DeviceRegistry
+        from spvit_search.predictor import PlanLatency
+        from spvit_search.profile import profile_model
+
+        tables = self.args.out / "tables"
+        with self._latency_lock:
+            device = DeviceRegistry.load(None).get("local")
+            profile_model(device, setting.model, root=tables, progress=False)
+            model = build_model(setting.model)
+            predicted = PlanLatency.for_device(device, model, setting.model, root=tables).predict(plan).total_ms
+        return round(0.9 * predicted, 4)
+
+    def run(self) -> None:
+        variants = {}
+        if "main" in self.args.suite:
+            variants.update(MAIN)
+        jobs = []
+        for name in self.args.data:
+            setting = SETTINGS[name]
+            chosen = dict(variants)
+            if "ablations" in self.args.suite and name in self.args.ablation_data:
+                chosen.update(ABLATIONS)
+            jobs += [(setting, seed, chosen) for seed in self.args.seeds]
+        threads = max(1, (os.cpu_count() or 2) // self.args.jobs)
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            for future in [pool.submit(self.seed_pipeline, s, seed, v, threads) for s, seed, v in jobs]:
+                future.result()
+
+
+def summarise(results: dict, seeds: list[int]) -> list[dict]:
+    """Mean ± sd over the seeds of every (data set, variant) that has all of them."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for key, cell in results["cells"].items():
+        data, seed, variant = key.split("/")
+        if int(seed.removeprefix("seed")) in seeds:
+            groups.setdefault((data, variant), []).append(cell)
+    rows = []
+    for (data, variant), cells in sorted(groups.items()):
+        top1 = [c["test_top1"] for c in cells]
+        kept = [c["train_kept"] for c in cells if c.get("train_kept")]
+        rows.append({
+            "data": data, "variant": variant, "seeds": len(cells),
+            "test_top1_mean": round(statistics.mean(top1), 2),
+            "test_top1_sd": round(statistics.stdev(top1), 2) if len(top1) > 1 else None,
+            "flops_reduction_pct": round(statistics.mean(c.get("flops_reduction_pct", 0.0) for c in cells), 1),
+            "train_kept_mean": [round(statistics.mean(k[i] for k in kept), 4) for i in range(len(kept[0]))]
+            if kept else None,
+            "max_drop_after_warmup": max((c.get("max_drop_after_warmup", 0.0) for c in cells), default=None),
+        })  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("data", "variant", "seeds", "test top-1", "FLOPs -", "train kept", "max drop")
+    print(f"{head[0]:8} {head[1]:16} {head[2]:>5} {head[3]:>16} {head[4]:>8} {head[5]:>14} {head[6]:>8}")
+    for r in rows:
+        sd = f" ± {r['test_top1_sd']:.2f}" if r["test_top1_sd"] is not None else ""
+        kept = "/".join(f"{k:.3f}" for k in r["train_kept_mean"]) if r["train_kept_mean"] else "—"
+        drop = f"{r['max_drop_after_warmup']:.2f}" if r["max_drop_after_warmup"] is not None else "—"
+        print(f"{r['data']:8} {r['variant']:16} {r['seeds']:5d} {r['test_top1_mean']:9.2f}%{sd:7} "
+              f"{r['flops_reduction_pct']:7.1f}% {kept:>14} {drop:>8}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--locations", default="2,4")
-    ap.add_argument("--keep", default="0.55,0.3")
-    ap.add_argument("--epochs", type=int, default=30, help="fine-tune epochs (every method alike)")
-    ap.add_argument("--dense", type=Path, default=None, help="a dense checkpoint (default: train one)")
+    ap.add_argument("--data", default="digits,fashion", type=lambda s: s.split(","))
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
+    ap.add_argument("--suite", default="main,ablations", type=lambda s: s.split(","))
+    ap.add_argument("--ablation-data", default="fashion", type=lambda s: s.split(","))
+    ap.add_argument("--jobs", type=int, default=1, help="seed pipelines run at once (threads split between them)")
     ap.add_argument("--out", type=Path, default=Path("runs/accuracy"))
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "accuracy.json")
+    ap.add_argument("--summary-only", action="store_true", help="print the table of the results file and stop")
     args = ap.parse_args(argv)
-    locations = tuple(int(v) for v in args.locations.split(","))
-    keep = tuple(float(v) for v in args.keep.split(","))
-    args.out.mkdir(parents=True, exist_ok=True)
-    seconds = {}
-
-    dense_ckpt = args.dense
-    if dense_ckpt is None:
-        dense_ckpt = args.out / "dense" / "model.pt"
-        seconds["train dense"] = run("train", "--out", str(args.out / "dense"), "--no-resume")
-    test = build_dataset("demo", "test")
-    cpu = torch.device("cpu")
-    dense = build_model(MODEL, dense_ckpt).eval()
-    dense_macs = sp.count_flops(dense).macs
-    rows = [{"method": "dense", "training": "trained from scratch", "test_top1": evaluate(dense, test, cpu)[0],
-             "flops_reduction_pct": 0.0}]  # fmt: skip
-
-    def score(method: str, checkpoint: Path, training: str) -> None:
-        plan = sp.PruningPlan(locations=locations, keep=keep, method=method, model=MODEL)
-        model = build_model(MODEL, checkpoint, plan).eval()
-        reduction = 100 * (1 - sp.count_flops(model).macs / dense_macs)
-        rows.append({"method": method, "training": training, "test_top1": evaluate(model, test, cpu)[0],
-                     "flops_reduction_pct": round(reduction, 1)})  # fmt: skip
-
-    score("evit", dense_ckpt, "training-free")
-    for method in ("spvit", "hard", "evit"):
-        plan = sp.PruningPlan(locations=locations, keep=keep, method=method, model=MODEL)
-        plan_file = plan.save(args.out / f"{method}.yaml")
-        out = args.out / f"finetune-{method}"
-        seconds[f"finetune {method}"] = run("finetune", "--plan", str(plan_file), "--checkpoint", str(dense_ckpt),
-                                            "--out", str(out), "--epochs", str(args.epochs), "--no-resume")  # fmt: skip
-        score(method, out / "model.pt", f"fine-tuned {args.epochs} epochs")
-
-    result = {"model": MODEL, "locations": list(locations), "keep": list(keep), "rows": rows,
-              "seconds": {k: round(v, 1) for k, v in seconds.items()}}  # fmt: skip
-    print(f"{MODEL} on the demo digits (test: 400 images), plan locations={list(locations)} keep={list(keep)}")
-    print(f"{'method':8} {'training':24} {'test top-1':>10} {'FLOPs -':>8}")
-    for r in rows:
-        print(f"{r['method']:8} {r['training']:24} {r['test_top1']:9.2f}% {r['flops_reduction_pct']:7.1f}%")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    unknown = [d for d in args.data if d not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown data {unknown}; choose from {sorted(SETTINGS)}")
+    bench = Bench(args)
+    started = time.perf_counter()
+    if not args.summary_only:
+        bench.run()
+    rows = summarise(bench.results, args.seeds)
+    bench.results["summary"] = rows
+    bench.results["plan"] = {"locations": list(LOCATIONS), "keep": list(KEEP)}
+    if not args.summary_only:
+        bench.results["last_run_seconds"] = round(time.perf_counter() - started, 1)
+    args.results.write_text(json.dumps(bench.results, indent=1))
+    print_table(rows)
+    return bench.results
 
 
 if __name__ == "__main__":

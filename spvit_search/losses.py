@@ -12,13 +12,16 @@ from .pruning import PruneState
 def ratio_loss(state: PruneState) -> torch.Tensor:
     """Mean squared gap between each stage's kept fraction and its target keep ratio.
 
-    The kept fraction is the mean of the straight-through keep mask, so the gradient reaches
-    the selector through the Gumbel-softmax probabilities. Zero when nothing was recorded
-    (eval mode, training-free methods, or every keep ratio at 1.0).
+    With sampled decisions the kept fraction is the mean of the straight-through keep mask, so
+    the gradient reaches the selector through the Gumbel-softmax probabilities and moves the
+    count. With exact top-k (the default) the count is the plan's already; the loss then acts
+    on the selector's expected fraction and only calibrates its keep probabilities. Zero when
+    nothing was recorded (eval mode, training-free methods, or every keep ratio at 1.0).
     """
-    if not state.kept_fraction:
+    fractions = state.differentiable_fraction
+    if not fractions:
         return torch.zeros(())
-    losses = [((frac - target) ** 2).mean() for frac, target in zip(state.kept_fraction, state.targets, strict=True)]
+    losses = [((frac - target) ** 2).mean() for frac, target in zip(fractions, state.targets, strict=True)]
     return torch.stack(losses).mean()
 
 

@@ -22,11 +22,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
@@ -62,7 +63,9 @@ class TrainConfig:
     token_distill_weight: float = 0.5
     distill_tau: float = 1.0
     latency_weight: float = 0.0
+    train_count: str = "exact"  # learned selectors in training: the plan's exact top-k, or "sampled" (Gumbel)
     augment: bool = True
+    train_subset: int | None = None  # train on a fixed subset (the same for every seed) of this many images
     eval_split: str = "calib"
     seed: int = 0
     workers: int = 0
@@ -158,8 +161,11 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run_identity(model_name: str, plan: PruningPlan | None, data: str) -> dict:
-    return {"model_name": model_name, "plan": plan.to_dict() if plan else None, "data": data}
+def _run_identity(model_name: str, plan: PruningPlan | None, data: str, train_subset: int | None = None) -> dict:
+    identity = {"model_name": model_name, "plan": plan.to_dict() if plan else None, "data": data}
+    if train_subset is not None:
+        identity["train_subset"] = train_subset
+    return identity
 
 
 def _keep_rows(path: Path, upto_epoch: int) -> list[dict]:
@@ -230,6 +236,9 @@ def fit(
     torch.manual_seed(cfg.seed)
 
     train_set = build_dataset(data, "train", model, augment=cfg.augment)
+    if cfg.train_subset is not None and cfg.train_subset < len(train_set):
+        pick = np.random.default_rng(0).permutation(len(train_set))[: cfg.train_subset]
+        train_set = Subset(train_set, sorted(pick.tolist()))
     eval_set = build_dataset(data, cfg.eval_split, model)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
@@ -246,7 +255,7 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    identity = _run_identity(model_name, plan, data)
+    identity = _run_identity(model_name, plan, data, cfg.train_subset)
     start_epoch, step, resumed = 0, 0, None
     if cfg.resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=True)
@@ -269,6 +278,10 @@ def fit(
 
     pruned = plan is not None and not plan.is_dense
     learned = pruned and plan.spec.learned_selector
+    if cfg.train_count not in ("exact", "sampled"):
+        raise TrainError(f"train_count must be 'exact' or 'sampled', not {cfg.train_count!r}")
+    if learned:
+        pruning_state(model).train_count = cfg.train_count
     unused = learned and any(k >= 1.0 for k in plan.keep)
     student: nn.Module = _WithFeatures(model)
     if world > 1:
@@ -307,7 +320,7 @@ def fit(
                 if learned and state.patch_policy is not None and cfg.token_distill_weight:
                     parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
             if latency_penalty is not None and learned and state.kept_fraction:
-                parts["latency"] = cfg.latency_weight * latency_penalty(state.kept_fraction)
+                parts["latency"] = cfg.latency_weight * latency_penalty(state.differentiable_fraction)
             loss = sum(parts.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

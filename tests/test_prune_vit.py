@@ -134,6 +134,7 @@ def test_ratio_loss_moves_kept_fraction_toward_target():
     model = timm.create_model("deit_tiny_patch16_224", img_size=112).train()
     plan = sp.PruningPlan(keep=(0.8, 0.64, 0.5))
     sp.prune(model, plan)
+    sp.pruning_state(model).train_count = "sampled"  # the count then follows the selector, steered by the loss
     with torch.no_grad():  # start far from the targets: keep 25% per stage
         for loc in plan.locations:
             model.blocks[loc].token_selector.scorer.out[-1].bias.copy_(torch.tensor([0.0, math.log(0.25 / 0.75)]))
@@ -185,14 +186,65 @@ def test_unsupported_models_name_what_is_supported():
         sp.prune(no_cls, {"keep": [0.5]})
 
 
-def test_selectors_start_at_their_stage_keep_ratio():
+@pytest.mark.parametrize("count", ["exact", "sampled"])
+def test_selectors_start_at_their_stage_keep_ratio(count):
     model = timm.create_model("deit_tiny_patch16_224", img_size=112).train()
     plan = sp.PruningPlan(keep=(0.7, 0.49, 0.343))
     sp.prune(model, plan)
+    state = sp.pruning_state(model)
+    state.train_count = count
     with torch.no_grad():
         fractions = [0.0, 0.0, 0.0]
         for _ in range(4):
             model(torch.randn(16, 3, 112, 112))
-            for i, f in enumerate(sp.pruning_state(model).kept_fraction):
+            for i, f in enumerate(state.differentiable_fraction):
                 fractions[i] += f.mean().item() / 4
     assert fractions == pytest.approx(plan.keep, abs=0.05)
+
+
+@pytest.mark.parametrize("method", ["spvit", "hard"])
+def test_exact_training_keeps_the_inference_tokens(method):
+    """Train mode keeps exactly the plan's count per image — the same tokens inference gathers."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=112, drop_rate=0.0)
+    plan = sp.PruningPlan(keep=(0.7, 0.49, 0.343), method=method)
+    sp.prune(model, plan)
+    with torch.no_grad():  # a fresh selector's scores are nearly tied; spread them so float noise cannot flip ranks
+        for loc in plan.locations:
+            model.blocks[loc].token_selector.scorer.out[-1].weight.mul_(200.0)
+    x = torch.randn(6, 3, 112, 112)
+    with torch.no_grad():
+        gathered = model.eval()(x)
+        masked = model.train()(x)
+    state = sp.pruning_state(model)
+    counts = [kept_count(k, 49) for k in plan.keep]
+    assert [d.sum(dim=1).tolist() for d in state.decisions] == [[float(c)] * 6 for c in counts]
+    assert [f.tolist() for f in state.kept_fraction] == [pytest.approx([c / 49] * 6) for c in counts]
+    assert (masked - gathered).abs().max().item() < 1e-3  # same tokens, same package token, same logits
+
+
+def test_exact_training_straight_through_reorders_the_ranking():
+    """The selector learns which tokens to keep without the count moving: gradients reach it and
+    a few steps on a loss that wants token-norm ranking change which tokens are kept."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=112).train()
+    sp.prune(model, sp.PruningPlan(locations=(3,), keep=(0.5,)))
+    for n, p in model.named_parameters():
+        p.requires_grad_("token_selector" in n)
+    x = torch.randn(8, 3, 112, 112)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def chosen() -> torch.Tensor:
+        with torch.no_grad():
+            model(x)
+        return sp.pruning_state(model).decisions[0].detach().clone()
+
+    before = chosen()
+    for _ in range(10):
+        logits = model(x)
+        loss = -logits.logsumexp(dim=-1).mean()  # any loss that depends on which tokens are kept
+        opt.zero_grad()
+        loss.backward()
+        assert model.blocks[3].token_selector.scorer.out[-1].weight.grad.abs().sum() > 0
+        opt.step()
+    after = chosen()
+    assert (after.sum(dim=1) == before.sum(dim=1)).all() and (after.sum(dim=1) == kept_count(0.5, 49)).all()
+    assert (after != before).any()

@@ -124,6 +124,24 @@ def test_finetune_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, dense_
     assert (out / "curve.png").stat().st_size > 5000 and (out / "plan.yaml").exists()
 
 
+@pytest.mark.parametrize("method", ["spvit", "hard"])
+def test_short_finetune_ends_with_the_plans_kept_fractions(tmp_path, dense_checkpoint, method):
+    """Training keeps what inference keeps: every epoch's mean training-mode kept fraction is the
+    plan's count per stage (±0.01), whatever the selector learned — the fault this guards against
+    is a count that drifts with the selector (Gumbel decisions under a ratio loss)."""
+    plan = sp.PruningPlan(locations=(2, 4), keep=(0.55, 0.3), method=method, model="vit_demo_digits")
+    out = tmp_path / "ft"
+    done = CliRunner().invoke(main, ["finetune", "--plan", str(plan.save(tmp_path / "p.yaml")), "--checkpoint",
+                                     str(dense_checkpoint), "--out", str(out), "--epochs", "2", "--selector-warmup",
+                                     "1", "--train-subset", "192", "--batch-size", "32", "--no-resume"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    rows = _rows(out / "metrics.csv")
+    assert len(rows) == 2
+    for row in rows:
+        kept = [float(v) for v in row["kept"].split("/")]
+        assert kept == pytest.approx(list(plan.keep), abs=0.01), row
+
+
 def test_export_agrees_with_torch_and_bad_checkpoints_are_refused(tmp_path, dense_checkpoint):
     plan = PLAN.save(tmp_path / "plan.yaml")
     runner = CliRunner()

@@ -82,7 +82,18 @@ def prediction_line(pred) -> str:
 def train_options(fn):
     """Options shared by train and finetune."""
     options = [
-        click.option("--data", default="demo", show_default=True, help="'demo' or an ImageFolder root"),
+        click.option(
+            "--data",
+            default="demo",
+            show_default=True,
+            help="'demo' (digits), 'fashion' (Fashion-MNIST), an idx folder or an ImageFolder root",
+        ),
+        click.option(
+            "--train-subset",
+            type=int,
+            default=None,
+            help="train on a fixed subset of this many training images (the same for every seed)",
+        ),
         click.option("--batch-size", type=int, default=64, show_default=True, help="global batch"),
         click.option("--weight-decay", type=float, default=0.05, show_default=True),
         click.option("--augment/--no-augment", default=True, show_default=True),

@@ -23,8 +23,8 @@ from ._common import (
 @click.option("--warmup-epochs", type=float, default=3.0, show_default=True)
 @train_options
 @user_errors
-def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, batch_size, weight_decay, augment, resume,
-          seed, workers, torch_device):  # fmt: skip
+def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, train_subset, batch_size, weight_decay,
+          augment, resume, seed, workers, torch_device):  # fmt: skip
     """Train a dense model (the demo's model and teacher by default) from scratch or a checkpoint."""
     import torch
 
@@ -35,8 +35,8 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, batch_si
     torch.manual_seed(seed)  # the same initial weights in every process and every rerun
     model = build_model(model_name, checkpoint, num_classes=num_classes(data))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      warmup_epochs=warmup_epochs, augment=augment, seed=seed, workers=workers, device=torch_device,
-                      resume=resume)  # fmt: skip
+                      warmup_epochs=warmup_epochs, augment=augment, train_subset=train_subset, seed=seed,
+                      workers=workers, device=torch_device, resume=resume)  # fmt: skip
     result = fit(model, data, cfg, out, model_name=model_name)
     final_test(model, data, result)
 
@@ -55,6 +55,14 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, batch_si
 )
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
 @click.option("--selector-warmup", type=int, default=1, show_default=True, help="epochs training only the selectors")
+@click.option(
+    "--train-count",
+    type=click.Choice(["exact", "sampled"]),
+    default="exact",
+    show_default=True,
+    help="tokens kept in training: the plan's exact top-k per image (as at inference), or Gumbel-sampled "
+    "decisions steered by the ratio loss (SPViT as published)",
+)
 @click.option("--ratio-weight", type=float, default=50.0, show_default=True, help="kept fraction vs target")
 @click.option("--distill-weight", type=float, default=0.5, show_default=True, help="logits KL to the teacher")
 @click.option("--token-weight", type=float, default=0.5, show_default=True, help="MSE on kept tokens")
@@ -66,9 +74,9 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, batch_si
 @devices_option
 @user_errors
 def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale, warmup_epochs, selector_warmup,
-             ratio_weight,
-             distill_weight, token_weight, latency_weight, target_ms, latency_device, tables, data, batch_size,
-             weight_decay, augment, resume, seed, workers, torch_device, devices_file):  # fmt: skip
+             train_count, ratio_weight,
+             distill_weight, token_weight, latency_weight, target_ms, latency_device, tables, data, train_subset,
+             batch_size, weight_decay, augment, resume, seed, workers, torch_device, devices_file):  # fmt: skip
     """Soft-pruning fine-tune of plan.model under PLAN: task + ratio + distillation (+ latency) loss."""
     from pathlib import Path
 
@@ -107,10 +115,12 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
         penalty = LatencyPenalty(latency, plan, target_ms)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, selector_warmup_epochs=selector_warmup, ratio_weight=ratio_weight,
+                      train_count=train_count,
                       selector_lr_scale=selector_lr_scale,
                       distill_weight=distill_weight if teacher_model is not None else 0.0,
                       token_distill_weight=token_weight if teacher_model is not None else 0.0,
-                      latency_weight=latency_weight, augment=augment, seed=seed, workers=workers,
+                      latency_weight=latency_weight, augment=augment, train_subset=train_subset, seed=seed,
+                      workers=workers,
                       device=torch_device, resume=resume)  # fmt: skip
     result = fit(model, data, cfg, out, model_name=plan.model, plan=plan, teacher=teacher_model,
                  latency_penalty=penalty)  # fmt: skip

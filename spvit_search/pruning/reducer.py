@@ -7,9 +7,20 @@ are never pruned again.
 * Inference (and every mode of a training-free scorer): exactly ``kept_count(keep, N)``
   top-scored patches per image are gathered — deterministic, batched, static shapes, real
   compute reduction.
-* Training with a learned selector: Gumbel-softmax straight-through keep decisions, multiplied
-  into the previous stage's mask (monotone), applied as attention masks by the patched
-  blocks; the sequence keeps its length so the whole batch trains together.
+* Training with a learned selector (``train_count="exact"``, the default): the *same* exact
+  top-k per image as inference, applied as attention masks so the whole batch keeps one
+  length. The selector learns through a straight-through estimator: the mask's forward value
+  is the 0/1 top-k membership, its gradient goes to the keep probability ``p`` of every token
+  (``hard + p − p.detach()``). Through timm's ``attn_mask`` (``log(mask + ε)``) that gradient
+  is, for a kept token, how the loss changes with its attention weight and, for a pruned one,
+  how it would change if the token were let back in — the first-order signal for reordering
+  the ranking. The number of tokens kept never depends on the selector, so it cannot drift
+  away from the plan (the fault of sampled decisions under a ratio loss).
+* ``train_count="sampled"`` (SPViT/DynamicViT as published, kept for the ablation):
+  Gumbel-softmax straight-through keep decisions; how many tokens survive is steered only by
+  the ratio loss.
+
+In both modes the decisions are multiplied into the previous stage's mask (monotone).
 """
 
 from __future__ import annotations
@@ -84,7 +95,12 @@ class TokenReducer(nn.Module):
         if prev is None:
             prev = patches.new_ones(patches.shape[:2])
         logp = self.scorer(patches, prev)
-        hard = F.gumbel_softmax(logp, tau=self.tau, hard=True)[..., 1]
+        keep_prob = logp[..., 1].exp()
+        if state.train_count == "exact":
+            hard = exact_top_k(logp[..., 1], prev, kept_count(self.keep, state.num_patches))
+            hard = hard + (keep_prob - keep_prob.detach())  # straight-through: exactly 0/1 forward, gradient to p
+        else:
+            hard = F.gumbel_softmax(logp, tau=self.tau, hard=True)[..., 1]
         policy = prev * hard
         if self.package_token:
             package, any_member = fold_package(patches, logp[..., 1], prev * (1.0 - hard))
@@ -94,5 +110,16 @@ class TokenReducer(nn.Module):
         state.patch_policy = policy
         state.decisions.append(policy)
         state.kept_fraction.append(policy.mean(dim=1))
+        state.expected_fraction.append((prev.detach() * keep_prob).sum(dim=1) / n)
         state.targets.append(self.keep)
         return x
+
+
+def exact_top_k(keep_logp: torch.Tensor, previous: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask (B, n) of the ``k`` best-scored tokens among those still kept (``previous`` > 0).
+
+    The same choice inference makes by gathering: ``k = kept_count(keep, N)`` per image.
+    """
+    scores = keep_logp.detach().masked_fill(previous.detach() <= 0, float("-inf"))
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros_like(keep_logp).scatter(1, idx, 1.0)

@@ -18,12 +18,14 @@ _MASK_EPS = 1e-6  # log(policy + eps): masked keys get ~1e-6 of their weight, gr
 @dataclass
 class PruneState:
     num_prefix: int
+    train_count: str = "exact"  # how a learned selector picks tokens in training: "exact" top-k or "sampled"
     num_patches: int | None = None  # patch tokens entering the first stage
     num_packages: int = 0  # package tokens appended at the end of the sequence so far
     patch_policy: torch.Tensor | None = None  # train: (B, num_patches) straight-through keep mask
     package_policy: list[torch.Tensor] = field(default_factory=list)  # train: (B, 1) per package
     decisions: list[torch.Tensor] = field(default_factory=list)  # train: cumulative keep mask per stage
     kept_fraction: list[torch.Tensor] = field(default_factory=list)  # train: (B,) per stage
+    expected_fraction: list[torch.Tensor] = field(default_factory=list)  # train: (B,) differentiable, per stage
     targets: list[float] = field(default_factory=list)  # keep ratio aimed at, per recorded stage
     token_counts: list[int] = field(default_factory=list)  # tokens entering each block
 
@@ -34,8 +36,19 @@ class PruneState:
         self.package_policy = []
         self.decisions = []
         self.kept_fraction = []
+        self.expected_fraction = []
         self.targets = []
         self.token_counts = []
+
+    @property
+    def differentiable_fraction(self) -> list[torch.Tensor]:
+        """Per-stage kept fraction that the ratio and latency losses act on.
+
+        Sampled decisions: the straight-through kept fraction (it moves the count). Exact
+        top-k: the selector's expected fraction (mean keep probability over the candidates) —
+        the count is fixed by the plan, so these losses only keep the probabilities calibrated.
+        """
+        return self.expected_fraction if self.train_count == "exact" else self.kept_fraction
 
     @property
     def policy(self) -> torch.Tensor | None:
