@@ -285,7 +285,8 @@ def summarise(results: dict, seeds: list[int]) -> list[dict]:
             "flops_reduction_pct": round(statistics.mean(c.get("flops_reduction_pct", 0.0) for c in cells), 1),
             "train_kept_mean": [round(statistics.mean(k[i] for k in kept), 4) for i in range(len(kept[0]))]
             if kept else None,
-            "max_drop_after_warmup": max((c.get("max_drop_after_warmup", 0.0) for c in cells), default=None),
+            "max_drop_after_warmup": None if variant in ("dense", "evit-free")  # not fine-tunes
+            else max(c.get("max_drop_after_warmup", 0.0) for c in cells),
         })  # fmt: skip
     return rows
 
