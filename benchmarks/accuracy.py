@@ -206,7 +206,8 @@ class Bench:
             num_patches = model.patch_embed.num_patches
             reduction = 100 * (1 - cell["macs"] / dense_macs)
             kept = gathered_fractions(model, num_patches)
-            self.record(setting, seed, "evit-free", {**cell, "train_kept": kept, "flops_reduction_pct": reduction})
+            self.record(setting, seed, "evit-free", {**cell, "train_kept": kept, "flops_reduction_pct": reduction,
+                                                     "shared_teacher": setting.shared_teacher})  # fmt: skip
         for variant, (method, extra, _) in variants.items():
             if self.done(setting, seed, variant):
                 continue
