@@ -235,6 +235,8 @@ def fit(
         raise TrainError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
     torch.manual_seed(cfg.seed)
 
+    if cfg.train_subset is not None and cfg.train_subset < cfg.batch_size:
+        raise TrainError(f"--train-subset {cfg.train_subset} makes no batch of {cfg.batch_size}")
     train_set = build_dataset(data, "train", model, augment=cfg.augment)
     if cfg.train_subset is not None and cfg.train_subset < len(train_set):
         pick = np.random.default_rng(0).permutation(len(train_set))[: cfg.train_subset]

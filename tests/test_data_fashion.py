@@ -97,6 +97,8 @@ def test_fashion_trains_through_the_cli(fashion_dir, tmp_path):
     assert "test top-1" in out.output
     rows = (tmp_path / "r" / "steps.csv").read_text().splitlines()
     assert len(rows) == 1 + 32 // 16  # the subset, not the 40 training images
+    too_small = CliRunner().invoke(main, [*args[:-2], "--train-subset", "8", "--out", str(tmp_path / "r2")])
+    assert too_small.exit_code == 2 and "--train-subset 8 makes no batch of 16" in too_small.output
 
 
 def test_the_installed_package_reads_as_documented():  # scripts/setup.sh installs dataset-fashion-mnist

@@ -11,7 +11,7 @@ are never pruned again.
   top-k per image as inference, applied as attention masks so the whole batch keeps one
   length. The selector learns through a straight-through estimator: the mask's forward value
   is the 0/1 top-k membership, its gradient goes to the keep probability ``p`` of every token
-  (``hard + p − p.detach()``). Through timm's ``attn_mask`` (``log(mask + ε)``) that gradient
+  (``hard + (p − p.detach())``). Through timm's ``attn_mask`` (``log(mask + ε)``) that gradient
   is, for a kept token, how the loss changes with its attention weight and, for a pruned one,
   how it would change if the token were let back in — the first-order signal for reordering
   the ranking. The number of tokens kept never depends on the selector, so it cannot drift
