@@ -182,14 +182,23 @@ def test_optimize_for_the_ssh_board(tmp_path, demo):
         assert result.exit_code == 0, result.output
         plan = sp.PruningPlan.load(tmp_path / "plan.yaml")
         assert plan.device == "board" and plan.measured_ms <= target
-        # latency truth: the chosen plan, exported on its own and measured end to end again
-        again = runner.invoke(main, ["measure", *on_board[:4], "--plan", str(tmp_path / "plan.yaml"), "--checkpoint",
-                                     str(demo["checkpoint"]), "--tables", str(tables), "--json"])  # fmt: skip
-        assert again.exit_code == 0, again.output
-        measured = json.loads(again.output)["measured"]["median_ms"]
-        # the budget side of the window holds end to end; the prediction holds for the chosen plan
+        # latency truth: the chosen plan, exported on its own and measured end to end again, next to
+        # the dense model in the same minute — the host drifts between tests, so the checks are ratios
+        # (pruned/dense) measured in one run, not absolute milliseconds from the fixture's time
+        truth = {}
+        for what in (["--plan", str(tmp_path / "plan.yaml")], ["--model", MODEL]):
+            again = runner.invoke(main, ["measure", *on_board[:4], *what, "--checkpoint", str(demo["checkpoint"]),
+                                         "--tables", str(tables), "--json"])  # fmt: skip
+            assert again.exit_code == 0, again.output
+            out = json.loads(again.output)
+            truth[what[0]] = (out["measured"]["median_ms"], out["prediction"]["predicted_ms"])
+        (plan_ms, plan_pred), (dense_ms, dense_pred) = truth["--plan"], truth["--model"]
+        # the budget holds end to end (target = 75% of dense); the predicted speed-up holds for the plan
         # (how far under the target the most accurate plan lies is the search's choice, not noise)
-        assert measured <= target * 1.03, (measured, target)
-        assert abs(measured / plan.predicted_ms - 1) <= 0.05, (measured, plan.predicted_ms)
+        assert plan_ms / dense_ms <= 0.75 * 1.04, (plan_ms, dense_ms)
+        speedup = (plan_ms / dense_ms) / (plan_pred / dense_pred)
+        # the table above is profiled with 4 rounds to keep CI short: ±8% here catches a predictor that is
+        # wrong (ignoring the pruning would be ~40% off); its precision is benchmarks/latency_truth.py's to show
+        assert abs(speedup - 1) <= 0.08, (plan_ms, dense_ms, plan_pred, dense_pred)
     finally:
         server.stop()
