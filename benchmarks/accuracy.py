@@ -275,7 +275,7 @@ def summarise(results: dict, seeds: list[int]) -> list[dict]:
             groups.setdefault((data, variant), []).append(cell)
     rows = []
     for (data, variant), cells in sorted(groups.items()):
-        if all(c.get("shared_teacher") for c in cells):
+        if all(c["setting"].get("shared_teacher") for c in cells) and variant in ("dense", "evit-free"):
             cells = cells[:1]  # one model, scored once
         top1 = [c["test_top1"] for c in cells]
         kept = [c["train_kept"] for c in cells if c.get("train_kept")]
@@ -292,15 +292,59 @@ def summarise(results: dict, seeds: list[int]) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], markdown: bool = False) -> None:
     head = ("data", "variant", "seeds", "test top-1", "FLOPs -", "train kept", "max drop")
-    print(f"{head[0]:8} {head[1]:16} {head[2]:>5} {head[3]:>16} {head[4]:>8} {head[5]:>14} {head[6]:>8}")
+    if markdown:
+        print("| " + " | ".join(head) + " |\n|---|---|---:|---:|---:|---:|---:|")
+    else:
+        print(f"{head[0]:8} {head[1]:16} {head[2]:>5} {head[3]:>16} {head[4]:>8} {head[5]:>14} {head[6]:>8}")
     for r in rows:
         sd = f" ± {r['test_top1_sd']:.2f}" if r["test_top1_sd"] is not None else ""
         kept = "/".join(f"{k:.3f}" for k in r["train_kept_mean"]) if r["train_kept_mean"] else "—"
         drop = f"{r['max_drop_after_warmup']:.2f}" if r["max_drop_after_warmup"] is not None else "—"
-        print(f"{r['data']:8} {r['variant']:16} {r['seeds']:5d} {r['test_top1_mean']:9.2f}%{sd:7} "
-              f"{r['flops_reduction_pct']:7.1f}% {kept:>14} {drop:>8}")  # fmt: skip
+        if markdown:
+            cells = (r["data"], f"`{r['variant']}`", str(r["seeds"]), f"{r['test_top1_mean']:.2f}%{sd}",
+                     f"{r['flops_reduction_pct']:.1f}%", kept, drop)  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
+        else:
+            print(f"{r['data']:8} {r['variant']:16} {r['seeds']:5d} {r['test_top1_mean']:9.2f}%{sd:7} "
+                  f"{r['flops_reduction_pct']:7.1f}% {kept:>14} {drop:>8}")  # fmt: skip
+
+
+def plot_curves(results: dict, seeds: list[int], path: Path) -> Path | None:
+    """Calibration top-1 per epoch of every fine-tune, mean over seeds with its range shaded: the
+    picture of 'no collapse' (one panel per data set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[str, list[list[float]]]] = {}
+    for key, cell in results["cells"].items():
+        data, seed, variant = key.split("/")
+        if variant != "dense" and cell.get("calib_curve") and int(seed.removeprefix("seed")) in seeds:
+            curves.setdefault(data, {}).setdefault(variant, []).append(cell["calib_curve"])
+    if not curves:
+        return None
+    names = sorted({v for variants in curves.values() for v in variants})
+    colour = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(names)}  # one colour per variant, all panels
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (data, variants) in zip(axes[0], sorted(curves.items()), strict=True):
+        for variant, runs in sorted(variants.items()):
+            epochs = range(1, min(len(r) for r in runs) + 1)
+            cols = [[r[e - 1] for r in runs] for e in epochs]
+            mean = [statistics.mean(c) for c in cols]
+            ax.plot(epochs, mean, marker="o", ms=3, color=colour[variant], label=f"{variant} ({len(runs)} seeds)")
+            ax.fill_between(epochs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.15, color=colour[variant])
+        ax.set(title=f"{data}: fine-tune at keep {KEEP} before {LOCATIONS}", xlabel="epoch",
+               ylabel="calibration top-1 (%)")  # fmt: skip
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -314,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/accuracy"))
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "accuracy.json")
     ap.add_argument("--summary-only", action="store_true", help="print the table of the results file and stop")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (as in the README)")
     args = ap.parse_args(argv)
     unknown = [d for d in args.data if d not in SETTINGS]
     if unknown:
@@ -331,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["last_run_seconds"] = seconds
 
     bench.update(finish)
-    print_table(bench.results["summary"])
+    plot_curves(bench.results, args.seeds, args.results.with_suffix(".png"))
+    print_table(bench.results["summary"], args.markdown)
     return bench.results
 
 
