@@ -206,8 +206,7 @@ class Bench:
             num_patches = model.patch_embed.num_patches
             reduction = 100 * (1 - cell["macs"] / dense_macs)
             kept = gathered_fractions(model, num_patches)
-            self.record(setting, seed, "evit-free", {**cell, "train_kept": kept, "flops_reduction_pct": reduction,
-                                                     "shared_teacher": setting.shared_teacher})  # fmt: skip
+            self.record(setting, seed, "evit-free", {**cell, "train_kept": kept, "flops_reduction_pct": reduction})
         for variant, (method, extra, _) in variants.items():
             if self.done(setting, seed, variant):
                 continue
@@ -275,7 +274,8 @@ def summarise(results: dict, seeds: list[int]) -> list[dict]:
             groups.setdefault((data, variant), []).append(cell)
     rows = []
     for (data, variant), cells in sorted(groups.items()):
-        if all(c["setting"].get("shared_teacher") for c in cells) and variant in ("dense", "evit-free"):
+        untrained = variant in ("dense", "evit-free")  # scored, not fine-tuned
+        if untrained and all(c["setting"].get("shared_teacher") for c in cells):
             cells = cells[:1]  # one model, scored once
         top1 = [c["test_top1"] for c in cells]
         kept = [c["train_kept"] for c in cells if c.get("train_kept")]
@@ -286,8 +286,7 @@ def summarise(results: dict, seeds: list[int]) -> list[dict]:
             "flops_reduction_pct": round(statistics.mean(c.get("flops_reduction_pct", 0.0) for c in cells), 1),
             "train_kept_mean": [round(statistics.mean(k[i] for k in kept), 4) for i in range(len(kept[0]))]
             if kept else None,
-            "max_drop_after_warmup": None if variant in ("dense", "evit-free")  # not fine-tunes
-            else max(c.get("max_drop_after_warmup", 0.0) for c in cells),
+            "max_drop_after_warmup": None if untrained else max(c.get("max_drop_after_warmup", 0.0) for c in cells),
         })  # fmt: skip
     return rows
 

@@ -171,8 +171,8 @@ def test_optimize_for_the_ssh_board(tmp_path, demo):
         runner = CliRunner()
         tables = tmp_path / "tables"
         on_board = ["--device", "board", "--devices", str(devices), "--model", MODEL]
-        for args in (["profile", *on_board, "--rounds", "4", "--runs", "5", "--out", str(tables)],
-                     ["calibrate", *on_board, "--points", "3", "--rounds", "4", "--tables", str(tables)]):  # fmt: skip
+        calibrate = ["calibrate", *on_board, "--points", "3", "--rounds", "4", "--tables", str(tables)]
+        for args in (["profile", *on_board, "--rounds", "4", "--runs", "5", "--out", str(tables)], calibrate):
             done = runner.invoke(main, args)
             assert done.exit_code == 0, done.output
 
@@ -188,30 +188,14 @@ def test_optimize_for_the_ssh_board(tmp_path, demo):
         # tests (CI saw this board 2x slower than the local device measured by the fixture)
         target = round(measured("--model", MODEL)[0] * 0.75, 3)
         plan_file = tmp_path / "plan.yaml"
-        search = [
-            "optimize",
-            *on_board,
-            "--checkpoint",
-            str(demo["checkpoint"]),
-            "--tables",
-            str(tables),
-            "--target-ms",
-            str(target),
-            "--trials",
-            "100",
-            "--verify-top",
-            "2",
-            "--out",
-            str(plan_file),
-            "--json",
-        ]
+        search = ["optimize", *on_board, "--checkpoint", str(demo["checkpoint"]), "--tables", str(tables),
+                  "--target-ms", str(target), "--trials", "100", "--verify-top", "2", "--out", str(plan_file),
+                  "--json"]  # fmt: skip
         result = runner.invoke(main, search)
         if result.exit_code != 0 and "slower than its table" in result.output:
             # the product's own advice when a burst of host load slows the board during verification
             # (seen on CI: 2x for a minute): recalibrate and search again — once
-            done = runner.invoke(
-                main, ["calibrate", *on_board, "--points", "3", "--rounds", "4", "--tables", str(tables)]
-            )
+            done = runner.invoke(main, calibrate)
             assert done.exit_code == 0, done.output
             result = runner.invoke(main, search)
         assert result.exit_code == 0, result.output
