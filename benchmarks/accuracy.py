@@ -62,7 +62,7 @@ class DataSetting:
 
 SETTINGS = {
     "digits": DataSetting("digits", "demo", "vit_demo_digits", 50, 2e-3, 3.0, 20, None, None, False),
-    "fashion": DataSetting("fashion", "fashion", "vit_demo_fashion", 3, 2e-3, 0.3, 3, None, 4000, True),
+    "fashion": DataSetting("fashion", "fashion", "vit_demo_fashion", 12, 2e-3, 1.0, 3, None, 4000, True),
 }
 # A shipped dense checkpoint used instead of training one when its sha256 matches its sidecar.
 SHIPPED_TEACHERS = {"fashion": Path(__file__).parent / "checkpoints" / "vit_demo_fashion.pt"}

@@ -1,6 +1,8 @@
 """Fashion-MNIST (--data fashion): the idx reader on small generated files, splits, transforms, errors."""
 
 import gzip
+import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from click.testing import CliRunner
 import spvit_search.data as data_module
 from spvit_search.cli import main
 from spvit_search.data import DataError, build_dataset, num_classes, read_idx
-from spvit_search.models import create_model
+from spvit_search.models import build_model, create_model
+from spvit_search.train import evaluate
 
 
 def write_idx(folder: Path, stem: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -105,3 +108,14 @@ def test_the_installed_package_reads_as_documented():  # scripts/setup.sh instal
     model = create_model("vit_demo_fashion")
     sizes = {s: len(build_dataset("fashion", s, model)) for s in ("train", "calib", "test")}
     assert sizes == {"train": 58000, "calib": 2000, "test": 10000}
+
+
+def test_the_shipped_teacher_is_the_one_its_sidecar_describes():
+    """benchmarks/checkpoints: the sha256 and the test top-1 written beside the checkpoint come back."""
+    shipped = Path(__file__).parents[1] / "benchmarks" / "checkpoints" / "vit_demo_fashion.pt"
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == meta["sha256"]
+    assert shipped.stat().st_size == meta["bytes"] < 5_000_000
+    model = build_model(meta["model"], shipped).eval()
+    top1, _ = evaluate(model, build_dataset("fashion", "test", model), torch.device("cpu"))
+    assert top1 == pytest.approx(meta["test_top1"], abs=0.01)
