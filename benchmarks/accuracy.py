@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,28 @@ def curve(metrics: Path) -> dict:
     return {"calib_curve": acc, "max_drop_after_warmup": round(max(drops, default=0.0), 3), "train_kept": kept}
 
 
+def shipped_sha256(setting: DataSetting) -> str | None:
+    """sha256 of the shipped teacher of ``setting`` as its sidecar states it (None: none shipped)."""
+    shipped = SHIPPED_TEACHERS.get(setting.name)
+    if shipped is None or not shipped.exists():
+        return None
+    return json.loads(shipped.with_suffix(".json").read_text())["sha256"]
+
+
+def claim_run_dir(out: Path, spec: dict) -> None:
+    """Make ``out`` the working folder of the run described by ``spec``.
+
+    A folder left by an interrupted run of the same spec is kept (the CLI resumes it); one left
+    by another spec (other settings, another teacher) is emptied first, so its run is neither
+    resumed nor mistaken for a finished one.
+    """
+    marker = out / "cell.json"
+    if out.exists() and not (marker.exists() and json.loads(marker.read_text()) == spec):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(spec, indent=1))
+
+
 def gathered_fractions(model: torch.nn.Module, num_patches: int) -> list[float]:
     """Kept fractions of a training-free scorer: it gathers exact counts in training as at inference."""
     return [kept_count(k, num_patches) / num_patches for k in model.spvit_plan.keep]
@@ -146,11 +169,14 @@ class Bench:
         return f"{setting.name}/seed{seed}/{variant}"
 
     def done(self, setting: DataSetting, seed: int, variant: str) -> dict | None:
+        """The recorded cell, if it was made with today's setting and today's shipped teacher."""
         cell = self.results["cells"].get(self.key(setting, seed, variant))
-        return cell if cell and cell.get("setting") == asdict(setting) else None
+        if not cell or cell.get("setting") != asdict(setting):
+            return None
+        return cell if cell.get("teacher_sha256") == shipped_sha256(setting) else None
 
     def record(self, setting: DataSetting, seed: int, variant: str, cell: dict) -> None:
-        cell = {"setting": asdict(setting), **cell}
+        cell = {"setting": asdict(setting), **cell, "teacher_sha256": shipped_sha256(setting)}
         self.mine.add(self.key(setting, seed, variant))
         path = self.args.out / setting.name / f"seed{seed}" / f"{variant}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +206,10 @@ class Bench:
             return shipped, {"teacher": str(shipped), "teacher_sha256": meta["sha256"], "seconds": meta.get("seconds")}
         root = self.args.out / setting.name / ("dense" if setting.shared_teacher else f"seed{seed}/dense")
         with self._teacher_lock if setting.shared_teacher else contextlib.nullcontext():
-            if not (root / "model.pt").exists():
+            spec = {"setting": asdict(setting), "seed": teacher_seed}
+            if not ((root / "model.pt").exists() and (root / "cell.json").exists()
+                    and json.loads((root / "cell.json").read_text()) == spec):  # fmt: skip
+                claim_run_dir(root, spec)
                 dense_subset = ["--train-subset", str(setting.train_subset)] if setting.train_subset else []
                 args = ["train", "--model", setting.model, "--out", str(root), "--epochs", str(setting.dense_epochs),
                         "--lr", str(setting.dense_lr), "--warmup-epochs", str(setting.dense_warmup), "--data",
@@ -216,6 +245,8 @@ class Bench:
                 extra = [*extra, "--target-ms", str(self.latency_target(setting, plan)), "--tables",
                          str(self.args.out / "tables")]  # fmt: skip
             out = root / variant
+            claim_run_dir(out, {"setting": asdict(setting), "seed": seed, "variant": variant, "method": method,
+                                "extra": extra, "teacher_sha256": shipped_sha256(setting)})  # fmt: skip
             seconds = run_cli(["finetune", "--plan", str(plan_file), "--checkpoint", str(dense_ckpt), "--out", str(out),
                                "--epochs", str(setting.finetune_epochs), *common, *tune_subset, *extra], threads,
                               root / f"{variant}.log")  # fmt: skip

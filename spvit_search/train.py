@@ -16,6 +16,7 @@ process and N processes see the same global batches in the same order.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import time
@@ -161,11 +162,45 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run_identity(model_name: str, plan: PruningPlan | None, data: str, train_subset: int | None = None) -> dict:
-    identity = {"model_name": model_name, "plan": plan.to_dict() if plan else None, "data": data}
-    if train_subset is not None:
-        identity["train_subset"] = train_subset
-    return identity
+_NOT_IDENTITY = ("resume", "workers", "device")  # how a run is executed, not what it computes
+
+
+def _weights_digest(module: nn.Module | None) -> str | None:
+    """sha256 of a module's state (names and bytes): what a run starts from, or learns from."""
+    if module is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_identity(
+    model: nn.Module, teacher: nn.Module | None, model_name: str, plan: PruningPlan | None, data: str,
+    cfg: TrainConfig,
+) -> dict:  # fmt: skip
+    """What a resumed run must share with the one in ``last.pt``: resuming a run that started from
+    other weights, distils another teacher or trains with other settings would silently finish
+    that other run (seen: a benchmark rerun after its teacher changed reused the old fine-tunes)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    return {"model_name": model_name, "plan": plan.to_dict() if plan else None, "data": data, "config": config,
+            "initial_weights": _weights_digest(model), "teacher_weights": _weights_digest(teacher)}  # fmt: skip
+
+
+def _identity_differences(old: dict | None, new: dict) -> str:
+    """The parts of two run identities that differ, as a short readable list."""
+    if not old:
+        return "no identity recorded"
+    diffs = []
+    for key in new:
+        a, b = old.get(key), new[key]
+        if key == "config" and isinstance(a, dict):
+            diffs += [f"{k} {a.get(k)!r} there, {b[k]!r} now" for k in b if a.get(k) != b[k]]
+        elif a != b:
+            what = key.replace("_", " ")
+            diffs.append(f"{what} differ" if key.endswith("weights") else f"{what} {a!r} there, {b!r} now")
+    return "; ".join(diffs)
 
 
 def _keep_rows(path: Path, upto_epoch: int) -> list[dict]:
@@ -257,13 +292,14 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    identity = _run_identity(model_name, plan, data, cfg.train_subset)
+    identity = _run_identity(model, teacher, model_name, plan, data, cfg)
     start_epoch, step, resumed = 0, 0, None
     if cfg.resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=True)
         if state.get("identity") != identity:
             raise TrainError(
-                f"{out} holds a run of {state.get('identity')}, not {identity}: use another --out, or --no-resume"
+                f"{out} holds another run ({_identity_differences(state.get('identity'), identity)}): "
+                "use another --out, or --no-resume to start this one over"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -123,6 +123,17 @@ def test_finetune_killed_mid_epoch_resumes_from_last_checkpoint(tmp_path, dense_
     assert steps == list(range(1, steps[-1] + 1))  # no step lost or repeated
     assert (out / "curve.png").stat().st_size > 5000 and (out / "plan.yaml").exists()
 
+    # The same --out with other settings or other starting weights is another run: refused, not resumed.
+    other_lr = CliRunner().invoke(main, [*args[3:], "--lr", "1e-3"])
+    assert other_lr.exit_code != 0 and "lr 0.0002 there, 0.001 now" in other_lr.output, other_lr.output
+    state = torch.load(dense_checkpoint, weights_only=True)
+    state["model"]["head.bias"] = state["model"]["head.bias"] + 0.01
+    torch.save(state, tmp_path / "other.pt")
+    other_weights = [*args[3:6], "--checkpoint", str(tmp_path / "other.pt"), *args[8:]]
+    refused = CliRunner().invoke(main, other_weights)
+    assert refused.exit_code != 0, refused.output
+    assert "initial weights differ; teacher weights differ" in refused.output and "--no-resume" in refused.output
+
 
 @pytest.mark.parametrize("method", ["spvit", "hard"])
 def test_short_finetune_ends_with_the_plans_kept_fractions(tmp_path, dense_checkpoint, method):
