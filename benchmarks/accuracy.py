@@ -106,9 +106,9 @@ def curve(metrics: Path) -> dict:
     with metrics.open() as fh:
         rows = list(csv.DictReader(fh))
     acc = [float(r["eval_acc"]) for r in rows]
-    drops = [a - b for a, b in itertools.pairwise(acc[1:])]  # after the first (warm-up) epoch
+    drops = [0.0, *(a - b for a, b in itertools.pairwise(acc[1:]))]  # after the first (warm-up) epoch; 0: none fell
     kept = [float(v) for v in rows[-1]["kept"].split("/")] if rows[-1].get("kept") else None
-    return {"calib_curve": acc, "max_drop_after_warmup": round(max(drops, default=0.0), 3), "train_kept": kept}
+    return {"calib_curve": acc, "max_drop_after_warmup": round(max(drops), 3), "train_kept": kept}
 
 
 def shipped_sha256(setting: DataSetting) -> str | None:
@@ -146,6 +146,7 @@ class Bench:
         self.mine: set[str] = set()  # cells this process wrote: its copy wins over the file's
         self.merge_results()
         self.tests: dict[str, object] = {}
+        self._seed_locks: dict[tuple[str, int], threading.Lock] = {}
 
     def merge_results(self) -> None:
         """Take in the cells another process (another lane, an earlier session) wrote to the file."""
@@ -219,48 +220,49 @@ class Bench:
                 seconds = None
         return root / "model.pt", {"teacher": str(root / "model.pt"), "seconds": seconds, **curve(root / "metrics.csv")}
 
-    def seed_pipeline(self, setting: DataSetting, seed: int, variants: dict, threads: int) -> None:
-        root = self.args.out / setting.name / f"seed{seed}"
-        common = ["--data", setting.data, "--seed", str(seed)]
-        tune_subset = ["--train-subset", str(setting.finetune_subset)] if setting.finetune_subset else []
-        if all(self.done(setting, seed, v) for v in ("dense", "evit-free", *variants)):
+    def prepare_seed(self, setting: DataSetting, seed: int, threads: int) -> tuple[Path, int]:
+        """The teacher of ``seed`` (trained if needed), its dense and training-free cells; (checkpoint, MACs)."""
+        with self._seed_locks[(setting.name, seed)]:  # the first task of a seed prepares it, the others wait
+            dense_ckpt, provenance = self.teacher(setting, seed, threads)
+            if not self.done(setting, seed, "dense"):
+                cell, _ = self.score(setting, dense_ckpt, None)
+                self.record(setting, seed, "dense", {**cell, **provenance, "shared_teacher": setting.shared_teacher})
+            dense_macs = self.results["cells"][self.key(setting, seed, "dense")]["macs"]
+            if not self.done(setting, seed, "evit-free"):
+                cell, model = self.score(setting, dense_ckpt, "evit")
+                reduction = 100 * (1 - cell["macs"] / dense_macs)
+                kept = gathered_fractions(model, model.patch_embed.num_patches)
+                self.record(setting, seed, "evit-free", {**cell, "train_kept": kept, "flops_reduction_pct": reduction})
+        return dense_ckpt, dense_macs
+
+    def cell(self, setting: DataSetting, seed: int, variant: str | None, threads: int) -> None:
+        """One task of the pool: prepare the seed, then fine-tune and score ``variant`` (None: only prepare)."""
+        if all(self.done(setting, seed, v) for v in ("dense", "evit-free", *([variant] if variant else []))):
             return
-        dense_ckpt, provenance = self.teacher(setting, seed, threads)
-        if not self.done(setting, seed, "dense"):
-            cell, _ = self.score(setting, dense_ckpt, None)
-            self.record(setting, seed, "dense", {**cell, **provenance, "shared_teacher": setting.shared_teacher})
-        dense_macs = self.results["cells"][self.key(setting, seed, "dense")]["macs"]
-        if not self.done(setting, seed, "evit-free"):
-            cell, model = self.score(setting, dense_ckpt, "evit")
-            num_patches = model.patch_embed.num_patches
-            reduction = 100 * (1 - cell["macs"] / dense_macs)
-            kept = gathered_fractions(model, num_patches)
-            self.record(setting, seed, "evit-free", {**cell, "train_kept": kept, "flops_reduction_pct": reduction})
-        for variant, (method, extra, _) in variants.items():
-            if self.done(setting, seed, variant):
-                continue
-            plan = sp.PruningPlan(LOCATIONS, KEEP, method=method, model=setting.model)
-            plan_file = plan.save(root / f"{method}.yaml")
-            if "--latency-weight" in extra:
-                extra = [*extra, "--target-ms", str(self.latency_target(setting, plan)), "--tables",
-                         str(self.args.out / "tables")]  # fmt: skip
-            out = root / variant
-            claim_run_dir(out, {"setting": asdict(setting), "seed": seed, "variant": variant, "method": method,
-                                "extra": extra, "teacher_sha256": shipped_sha256(setting)})  # fmt: skip
-            seconds = run_cli(["finetune", "--plan", str(plan_file), "--checkpoint", str(dense_ckpt), "--out", str(out),
-                               "--epochs", str(setting.finetune_epochs), *common, *tune_subset, *extra], threads,
-                              root / f"{variant}.log")  # fmt: skip
-            cell, model = self.score(setting, out / "model.pt", method)
-            stats = curve(out / "metrics.csv")
-            if stats["train_kept"] is None:
-                stats["train_kept"] = gathered_fractions(model, model.patch_embed.num_patches)
-            reduction = 100 * (1 - cell["macs"] / dense_macs)
-            self.record(
-                setting,
-                seed,
-                variant,
-                {**cell, **stats, "seconds": round(seconds, 1), "flops_reduction_pct": reduction},
-            )
+        dense_ckpt, dense_macs = self.prepare_seed(setting, seed, threads)
+        if variant is None or self.done(setting, seed, variant):
+            return
+        method, extra, _ = {**MAIN, **ABLATIONS}[variant]
+        root = self.args.out / setting.name / f"seed{seed}"
+        plan = sp.PruningPlan(LOCATIONS, KEEP, method=method, model=setting.model)
+        plan_file = plan.save(root / f"{variant}.yaml")
+        if "--latency-weight" in extra:
+            extra = [*extra, "--target-ms", str(self.latency_target(setting, plan)), "--tables",
+                     str(self.args.out / "tables")]  # fmt: skip
+        out = root / variant
+        claim_run_dir(out, {"setting": asdict(setting), "seed": seed, "variant": variant, "method": method,
+                            "extra": extra, "teacher_sha256": shipped_sha256(setting)})  # fmt: skip
+        tune_subset = ["--train-subset", str(setting.finetune_subset)] if setting.finetune_subset else []
+        seconds = run_cli(["finetune", "--plan", str(plan_file), "--checkpoint", str(dense_ckpt), "--out", str(out),
+                           "--epochs", str(setting.finetune_epochs), "--data", setting.data, "--seed", str(seed),
+                           *tune_subset, *extra], threads, root / f"{variant}.log")  # fmt: skip
+        scored, model = self.score(setting, out / "model.pt", method)
+        stats = curve(out / "metrics.csv")
+        if stats["train_kept"] is None:
+            stats["train_kept"] = gathered_fractions(model, model.patch_embed.num_patches)
+        reduction = 100 * (1 - scored["macs"] / dense_macs)
+        self.record(setting, seed, variant,
+                    {**scored, **stats, "seconds": round(seconds, 1), "flops_reduction_pct": reduction})  # fmt: skip
 
     _latency_lock = threading.Lock()
     _teacher_lock = threading.Lock()
@@ -280,19 +282,24 @@ class Bench:
         return round(0.9 * predicted, 4)
 
     def run(self) -> None:
-        variants = {}
-        if "main" in self.args.suite:
-            variants.update(MAIN)
-        jobs = []
+        """Every cell as one task of a pool of ``--jobs`` workers, seeds interleaved.
+
+        Tasks are ordered variant by variant across the seeds (the seeds' teachers first), so
+        the workers start on different seeds' teachers and no worker idles at the end while the
+        last seed's cells run one after another.
+        """
+        variants = list(MAIN) if "main" in self.args.suite else []
+        tasks = []
         for name in self.args.data:
             setting = SETTINGS[name]
-            chosen = dict(variants)
-            if "ablations" in self.args.suite and name in self.args.ablation_data:
-                chosen.update(ABLATIONS)
-            jobs += [(setting, seed, chosen) for seed in self.args.seeds]
+            chosen = variants + (list(ABLATIONS) if "ablations" in self.args.suite and name in self.args.ablation_data
+                                 else [])  # fmt: skip
+            for variant in [None, *chosen]:
+                tasks += [(setting, seed, variant) for seed in self.args.seeds]
+            self._seed_locks.update({(name, seed): threading.Lock() for seed in self.args.seeds})
         threads = self.args.threads or max(1, (os.cpu_count() or 2) // self.args.jobs)
         with ThreadPoolExecutor(self.args.jobs) as pool:
-            for future in [pool.submit(self.seed_pipeline, s, seed, v, threads) for s, seed, v in jobs]:
+            for future in [pool.submit(self.cell, setting, seed, variant, threads) for setting, seed, variant in tasks]:
                 future.result()
 
 
@@ -317,7 +324,8 @@ def summarise(results: dict, seeds: list[int]) -> list[dict]:
             "flops_reduction_pct": round(statistics.mean(c.get("flops_reduction_pct", 0.0) for c in cells), 1),
             "train_kept_mean": [round(statistics.mean(k[i] for k in kept), 4) for i in range(len(kept[0]))]
             if kept else None,
-            "max_drop_after_warmup": None if untrained else max(c.get("max_drop_after_warmup", 0.0) for c in cells),
+            "max_drop_after_warmup": None if untrained
+            else max(0.0, *(c.get("max_drop_after_warmup", 0.0) for c in cells)),
         })  # fmt: skip
     return rows
 
