@@ -293,6 +293,8 @@ def fit(
             p.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     identity = _run_identity(model, teacher, model_name, plan, data, cfg)
+    if latency_penalty is not None:  # the latency loss's target is part of what the run optimises
+        identity["latency_target_ms"] = float(latency_penalty.target_ms)
     start_epoch, step, resumed = 0, 0, None
     if cfg.resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=True)
