@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -111,6 +112,7 @@ def curve(metrics: Path) -> dict:
     return {"calib_curve": acc, "max_drop_after_warmup": round(max(drops), 3), "train_kept": kept}
 
 
+@functools.cache  # read once per process: done() asks for every cell
 def shipped_sha256(setting: DataSetting) -> str | None:
     """sha256 of the shipped teacher of ``setting`` as its sidecar states it (None: none shipped)."""
     shipped = SHIPPED_TEACHERS.get(setting.name)
@@ -119,18 +121,20 @@ def shipped_sha256(setting: DataSetting) -> str | None:
     return json.loads(shipped.with_suffix(".json").read_text())["sha256"]
 
 
-def claim_run_dir(out: Path, spec: dict) -> None:
-    """Make ``out`` the working folder of the run described by ``spec``.
+def claim_run_dir(out: Path, spec: dict) -> bool:
+    """Make ``out`` the working folder of the run described by ``spec``; True if it already was.
 
-    A folder left by an interrupted run of the same spec is kept (the CLI resumes it); one left
-    by another spec (other settings, another teacher) is emptied first, so its run is neither
+    A folder left by a run of the same spec is kept (the CLI resumes or reuses it); one left by
+    another spec (other settings, another teacher) is emptied first, so its run is neither
     resumed nor mistaken for a finished one.
     """
     marker = out / "cell.json"
-    if out.exists() and not (marker.exists() and json.loads(marker.read_text()) == spec):
+    same = marker.exists() and json.loads(marker.read_text()) == spec
+    if out.exists() and not same:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(spec, indent=1))
+    return same
 
 
 def gathered_fractions(model: torch.nn.Module, num_patches: int) -> list[float]:
@@ -208,9 +212,7 @@ class Bench:
         root = self.args.out / setting.name / ("dense" if setting.shared_teacher else f"seed{seed}/dense")
         with self._teacher_lock if setting.shared_teacher else contextlib.nullcontext():
             spec = {"setting": asdict(setting), "seed": teacher_seed}
-            if not ((root / "model.pt").exists() and (root / "cell.json").exists()
-                    and json.loads((root / "cell.json").read_text()) == spec):  # fmt: skip
-                claim_run_dir(root, spec)
+            if not (claim_run_dir(root, spec) and (root / "model.pt").exists()):
                 dense_subset = ["--train-subset", str(setting.train_subset)] if setting.train_subset else []
                 args = ["train", "--model", setting.model, "--out", str(root), "--epochs", str(setting.dense_epochs),
                         "--lr", str(setting.dense_lr), "--warmup-epochs", str(setting.dense_warmup), "--data",

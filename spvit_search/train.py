@@ -178,14 +178,17 @@ def _weights_digest(module: nn.Module | None) -> str | None:
 
 def _run_identity(
     model: nn.Module, teacher: nn.Module | None, model_name: str, plan: PruningPlan | None, data: str,
-    cfg: TrainConfig,
+    cfg: TrainConfig, latency_penalty: nn.Module | None,
 ) -> dict:  # fmt: skip
     """What a resumed run must share with the one in ``last.pt``: resuming a run that started from
     other weights, distils another teacher or trains with other settings would silently finish
     that other run (seen: a benchmark rerun after its teacher changed reused the old fine-tunes)."""
     config = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
-    return {"model_name": model_name, "plan": plan.to_dict() if plan else None, "data": data, "config": config,
-            "initial_weights": _weights_digest(model), "teacher_weights": _weights_digest(teacher)}  # fmt: skip
+    identity = {"model_name": model_name, "plan": plan.to_dict() if plan else None, "data": data, "config": config,
+                "initial_weights": _weights_digest(model), "teacher_weights": _weights_digest(teacher)}  # fmt: skip
+    if latency_penalty is not None:  # the latency loss's target is part of what the run optimises
+        identity["latency_target_ms"] = float(latency_penalty.target_ms)
+    return identity
 
 
 def _identity_differences(old: dict | None, new: dict) -> str:
@@ -292,9 +295,7 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    identity = _run_identity(model, teacher, model_name, plan, data, cfg)
-    if latency_penalty is not None:  # the latency loss's target is part of what the run optimises
-        identity["latency_target_ms"] = float(latency_penalty.target_ms)
+    identity = _run_identity(model, teacher, model_name, plan, data, cfg, latency_penalty)
     start_epoch, step, resumed = 0, 0, None
     if cfg.resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=True)
