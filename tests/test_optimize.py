@@ -192,7 +192,8 @@ def test_optimize_for_the_ssh_board(tmp_path, demo):
                   "--target-ms", str(target), "--trials", "100", "--verify-top", "2", "--out", str(plan_file),
                   "--json"]  # fmt: skip
         result = runner.invoke(main, search)
-        if result.exit_code != 0 and "slower than its table" in result.output:
+        burst = ("slower than its table", "below the minimum achievable")  # table and board disagree on speed
+        if result.exit_code != 0 and any(sign in result.output for sign in burst):
             # the product's own advice when a burst of host load slows the board during verification
             # (seen on CI: 2x for a minute): recalibrate and search again — once
             done = runner.invoke(main, calibrate)
