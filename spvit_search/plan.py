@@ -44,6 +44,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("spvit", True, True, True, "multi-head token selector + package token (SPViT)"),
         MethodSpec("hard", True, False, False, "multi-head token selector, pruned tokens dropped (DynamicViT-like)"),
         MethodSpec("evit", False, True, True, "training-free: class-token attention top-k + fused token (EViT)"),
+        MethodSpec("tome", False, False, False, "training-free: token merging by bipartite matching (ToMe)"),
     )
 }
 

@@ -14,7 +14,7 @@ from spvit_search.export import onnx_max_abs_diff, onnx_session
 PLAN = {"locations": (3, 6, 9), "keep": (0.7, 0.49, 0.343)}
 
 
-@pytest.mark.parametrize("method", ["spvit", "hard", "evit"])
+@pytest.mark.parametrize("method", ["spvit", "hard", "evit", "tome"])
 def test_onnx_of_pruned_deit_small_matches_torch(tmp_path, method):
     model = timm.create_model("deit_small_patch16_224").eval()
     sp.prune(model, sp.PruningPlan(**PLAN, method=method))
@@ -72,11 +72,12 @@ def test_flops_cli_json_and_errors():
     assert bad.exit_code == 2 and "comma-separated" in bad.output
 
 
-def test_tflite_of_pruned_deit_tiny_matches_torch(tmp_path):
+@pytest.mark.parametrize("method", ["spvit", "tome"])
+def test_tflite_of_pruned_deit_tiny_matches_torch(tmp_path, method):
     from spvit_search.export import export_tflite, tflite_runner
 
     model = timm.create_model("deit_tiny_patch16_224").eval()
-    sp.prune(model, sp.PruningPlan(**PLAN, method="spvit"))
+    sp.prune(model, sp.PruningPlan(**PLAN, method=method))
     path = export_tflite(model, tmp_path / "m.tflite")
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

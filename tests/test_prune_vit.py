@@ -42,7 +42,7 @@ def test_keep_one_without_package_equals_unpatched(key, fused):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = reference(x)
-        for method in ("spvit", "hard", "evit"):
+        for method in ("spvit", "hard", "evit", "tome"):
             plan = sp.PruningPlan(keep=(1.0, 1.0, 1.0), method=method, package_token=False)
             out = sp.prune(model, plan)(x)
             assert (out - expected).abs().max().item() <= 1e-5, method
@@ -53,7 +53,7 @@ def test_keep_one_without_package_equals_unpatched(key, fused):
     assert set(model.state_dict()) == set(reference.state_dict())
 
 
-@pytest.mark.parametrize("method", ["spvit", "hard", "evit"])
+@pytest.mark.parametrize("method", ["spvit", "hard", "evit", "tome"])
 @pytest.mark.parametrize("key", ["deit_small", "deit_distilled", "registers"])
 def test_eval_is_deterministic_batch_consistent_and_counts_tokens(key, method):
     model = _make(key)

@@ -75,7 +75,36 @@ class MultiHeadTokenSelector(nn.Module):
         return torch.logsumexp(head_logp + head_logw[..., None], dim=2)
 
 
-class ClsAttentionScorer(nn.Module):
+class PreviousQkv(nn.Module):
+    """Keeps the ``qkv`` projection the previous block's attention computed, for a stage to read.
+
+    A forward hook on that block's ``qkv`` (fused attention never exposes the attention
+    matrix, but its projection is an ``nn.Linear`` in every timm ViT). The attention module
+    is held without registering it: its weights belong to the block.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_attn", attn)
+        self._qkv: torch.Tensor | None = None
+        self._hook = attn.qkv.register_forward_hook(self._keep_qkv)
+
+    def _keep_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._qkv = output
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self._qkv = None
+
+    def take_qkv(self, reader: str) -> torch.Tensor:
+        """The kept projection (B, N, 3C), released so a stale one is never read twice."""
+        qkv, self._qkv = self._qkv, None
+        if qkv is None:
+            raise RuntimeError(f"{reader} ran before the previous block's attention")
+        return qkv
+
+
+class ClsAttentionScorer(PreviousQkv):
     """EViT's score: how much the class token attends to each patch, averaged over heads.
 
     Read from the attention of the block *before* the selector location: a forward hook on
@@ -87,24 +116,11 @@ class ClsAttentionScorer(nn.Module):
     learned = False
 
     def __init__(self, attn: nn.Module, num_prefix: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "_attn", attn)  # not a submodule: its weights belong to the block
+        super().__init__(attn)
         self.num_prefix = num_prefix
-        self._qkv: torch.Tensor | None = None
-        self._hook = attn.qkv.register_forward_hook(self._keep_qkv)
-
-    def _keep_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._qkv = output
-
-    def remove(self) -> None:
-        self._hook.remove()
-        self._qkv = None
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        qkv, attn = self._qkv, self._attn
-        if qkv is None:
-            raise RuntimeError("EViT scorer ran before the previous block's attention")
-        self._qkv = None
+        qkv, attn = self.take_qkv("EViT scorer"), self._attn
         b, n_all, _ = qkv.shape
         h, d = attn.num_heads, attn.head_dim
         q = qkv[:, :1, : h * d].reshape(b, 1, h, d).transpose(1, 2)  # class token only: (B, H, 1, d)

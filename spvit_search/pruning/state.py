@@ -28,6 +28,7 @@ class PruneState:
     expected_fraction: list[torch.Tensor] = field(default_factory=list)  # train: (B,) differentiable, per stage
     targets: list[float] = field(default_factory=list)  # keep ratio aimed at, per recorded stage
     token_counts: list[int] = field(default_factory=list)  # tokens entering each block
+    token_size: torch.Tensor | None = None  # merging: (B, N, 1) original patches per token, None before a merge
 
     def reset(self) -> None:
         self.num_patches = None
@@ -39,6 +40,7 @@ class PruneState:
         self.expected_fraction = []
         self.targets = []
         self.token_counts = []
+        self.token_size = None
 
     @property
     def differentiable_fraction(self) -> list[torch.Tensor]:
@@ -60,11 +62,15 @@ class PruneState:
         return torch.cat(parts, dim=1)
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive attention bias (B, 1, 1, N) that hides masked keys; None when nothing is masked.
+        """Additive attention bias (B, 1, 1, N); None when no key is masked or merged.
 
         ``log(policy)`` is the additive form of DynamicViT's masked softmax: keys with policy 0
         get no weight, and the straight-through gradient reaches the selector through the mask.
+        ``log(size)`` is ToMe's proportional attention: a key merged from s patches weighs as
+        much as its s originals would have together.
         """
+        if self.token_size is not None:
+            return torch.log(self.token_size.to(dtype))[:, None, None, :, 0]
         policy = self.policy
         if policy is None:
             return None

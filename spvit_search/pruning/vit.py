@@ -16,8 +16,9 @@ from torch import nn
 
 from ..plan import PlanError, PruningPlan, kept_count
 from ._base import ModelFamily, UnsupportedModelError, swap_class, unswap_class
+from .merge import KeyReader, TokenMerger
 from .reducer import TokenReducer
-from .selector import ClsAttentionScorer, MultiHeadTokenSelector
+from .selector import ClsAttentionScorer, MultiHeadTokenSelector, PreviousQkv
 from .state import PruneState
 
 
@@ -29,10 +30,14 @@ class _PrunedViT:
         return super().forward_features(*args, **kwargs)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        policy = self._spvit_state.policy
-        if policy is not None and self.attn_pool is None and (pool_type or self.global_pool) == "avg":
+        """Average pooling counts a masked token for nothing and a merged one for its patches."""
+        state: PruneState = self._spvit_state
+        weight = state.policy
+        if weight is None and state.token_size is not None:
+            weight = state.token_size[..., 0]
+        if weight is not None and self.attn_pool is None and (pool_type or self.global_pool) == "avg":
             start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-            w = policy[:, start:, None].to(x.dtype)
+            w = weight[:, start:, None].to(x.dtype)
             return (x[:, start:] * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
         return super().pool(x, pool_type)
 
@@ -74,6 +79,15 @@ class VitFamily(ModelFamily):
                 raise UnsupportedModelError(
                     f"block {i} ({type(blk).__name__}) takes no attn_mask; token pruning needs timm >= 1.0.16 blocks"
                 )
+        if plan.method == "tome":
+            for loc in plan.locations:
+                attn = model.blocks[loc - 1].attn if loc > 0 else None
+                if attn is not None and (not isinstance(getattr(attn, "qkv", None), nn.Linear)
+                                         or not hasattr(attn, "head_dim")):  # fmt: skip
+                    raise UnsupportedModelError(
+                        f"method 'tome' matches tokens on the keys of block {loc - 1}, which needs a timm Attention "
+                        f"with a fused qkv projection; found {type(attn).__name__}"
+                    )
         if plan.method == "evit":
             if not getattr(model, "has_class_token", False):
                 raise UnsupportedModelError(
@@ -125,6 +139,10 @@ class VitFamily(ModelFamily):
         ref = next(model.parameters())
         for loc, keep, previous_keep in zip(plan.locations, plan.keep, (1.0, *plan.keep), strict=False):
             blk = model.blocks[loc]
+            if plan.method == "tome":
+                keys = KeyReader(model.blocks[loc - 1].attn) if loc > 0 else None
+                blk.token_selector = TokenMerger(keep, keys, previous_keep=previous_keep)
+                continue
             if plan.spec.learned_selector:
                 scorer = MultiHeadTokenSelector(model.embed_dim, blk.attn.num_heads, prior_keep=keep / previous_keep)
             else:
@@ -137,8 +155,9 @@ class VitFamily(ModelFamily):
     def unpatch(self, model: nn.Module) -> nn.Module:
         for blk in model.blocks:
             reducer = blk._modules.pop("token_selector", None)
-            if reducer is not None and isinstance(reducer.scorer, ClsAttentionScorer):
-                reducer.scorer.remove()
+            hooked = getattr(reducer, "keys", None) or getattr(reducer, "scorer", None)
+            if isinstance(hooked, PreviousQkv):
+                hooked.remove()
             unswap_class(blk, _PrunedBlock)
             blk.__dict__.pop("_spvit_state", None)
         unswap_class(model, _PrunedViT)
