@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .plan import METHODS, kept_count
+from .pruning.merge import KeyReader, TokenMerger
 from .pruning.reducer import TokenReducer
 from .pruning.selector import ClsAttentionScorer, MultiHeadTokenSelector
 from .pruning.state import PruneState
@@ -39,6 +40,7 @@ class InputSpec:
     name: str
     tail: tuple[int, ...]  # shape after (batch, tokens)
     image: bool = False  # an image input: (batch, *tail), no token axis
+    positive: bool = False  # example values in [1, 2) (token sizes, whose log is taken)
 
     def shape(self, batch: int, tokens: int) -> tuple[int, ...]:
         return (batch, *self.tail) if self.image else (batch, tokens, *self.tail)
@@ -57,7 +59,12 @@ class Part:
 
     def example_inputs(self, tokens: int, batch: int = 1) -> tuple[torch.Tensor, ...]:
         gen = torch.Generator().manual_seed(tokens)
-        return tuple(torch.randn(spec.shape(batch, tokens), generator=gen) for spec in self.inputs)
+        return tuple(
+            torch.rand(spec.shape(batch, tokens), generator=gen) + 1
+            if spec.positive
+            else torch.randn(spec.shape(batch, tokens), generator=gen)
+            for spec in self.inputs
+        )
 
 
 class _Stem(nn.Module):
@@ -79,6 +86,17 @@ class _Block(nn.Module):
         return self.block(x)
 
 
+class _ProportionalBlock(nn.Module):
+    """A block after a merge: ToMe's proportional attention, ``log(size)`` as timm's ``attn_mask``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        return self.block(x, attn_mask=torch.log(size)[:, None, None, :, 0])
+
+
 class _Head(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -89,20 +107,22 @@ class _Head(nn.Module):
 
 
 class _Selector(nn.Module):
-    """One pruning stage at inference, on a sequence of prefix + patch tokens."""
+    """One pruning or merging stage at inference, on a sequence of prefix + patch tokens."""
 
-    def __init__(self, reducer: TokenReducer, num_prefix: int) -> None:
+    def __init__(self, reducer: TokenReducer | TokenMerger, num_prefix: int) -> None:
         super().__init__()
         self.reducer = reducer.eval()
         self.num_prefix = num_prefix
 
     def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
-        if qkv is not None:  # EViT reads the previous block's qkv projection
-            self.reducer.scorer._qkv = qkv
+        if qkv is not None:  # EViT and ToMe read the previous block's qkv projection
+            reads_qkv = self.reducer.keys if isinstance(self.reducer, TokenMerger) else self.reducer.scorer
+            reads_qkv._qkv = qkv
         return self.reducer(x, PruneState(num_prefix=self.num_prefix))
 
 
-def block_signature(block: nn.Module) -> str:
+def block_signature(block: nn.Module, proportional: bool = False) -> str:
+    """What sets a block's cost; ``proportional``: it runs with ToMe's size bias on its attention."""
     attn = block.attn
     dim = attn.qkv.in_features
     hidden = block.mlp.fc1.out_features
@@ -114,7 +134,7 @@ def block_signature(block: nn.Module) -> str:
         sig += "-ls"
     if attn.qkv.bias is None:
         sig += "-noqkvb"
-    return sig
+    return sig + ("-propattn" if proportional else "")
 
 
 def selector_signature(method: str, dim: int, heads: int, num_prefix: int) -> str:
@@ -180,9 +200,21 @@ def model_parts(model: nn.Module, methods: tuple[str, ...] = tuple(METHODS)) -> 
         if sig not in seen:
             seen.add(sig)
             parts.append(Part("block", sig, _Block(block), token_input, _grid(model, BLOCK_FRACTIONS), dynamic=True))
+            if "tome" in methods:  # blocks after a merge run with the size bias
+                inputs = (*token_input, InputSpec("size", (1,), positive=True))
+                biased = block_signature(block, proportional=True)
+                grid = _grid(model, BLOCK_FRACTIONS)
+                parts.append(Part("block", biased, _ProportionalBlock(block), inputs, grid, dynamic=True))
     heads = model.blocks[0].attn.num_heads
     for method in methods:
         spec = METHODS[method]
+        qkv_input = InputSpec("qkv", (model.blocks[0].attn.qkv.out_features,))
+        if method == "tome":
+            merger = TokenMerger(SELECTOR_PART_KEEP, KeyReader(copy.deepcopy(model.blocks[0].attn)))
+            signature = selector_signature(method, dim, heads, prefix)
+            grid = _grid(model, SELECTOR_FRACTIONS)
+            parts.append(Part("selector", signature, _Selector(merger, prefix), (*token_input, qkv_input), grid, False))
+            continue
         if spec.learned_selector:
             scorer: nn.Module = MultiHeadTokenSelector(dim, heads)
             inputs = token_input
@@ -190,7 +222,7 @@ def model_parts(model: nn.Module, methods: tuple[str, ...] = tuple(METHODS)) -> 
             if not getattr(model, "has_class_token", False):
                 continue
             scorer = ClsAttentionScorer(copy.deepcopy(model.blocks[0].attn), prefix)
-            inputs = (*token_input, InputSpec("qkv", (model.blocks[0].attn.qkv.out_features,)))
+            inputs = (*token_input, qkv_input)
         reducer = TokenReducer(scorer, SELECTOR_PART_KEEP, spec.package_token_default)
         parts.append(
             Part(

@@ -61,7 +61,7 @@ class LatencyPenalty(nn.Module):
         self.latency, self.plan = latency, plan
         coef = latency._block_coef
         self.register_buffer("block_coef", torch.tensor(coef, dtype=torch.float32), persistent=False)
-        sel = latency._selector_fit[plan.method]
+        sel, _ = latency.method_parts(plan.method)
         head = latency._head_fit
         self._sel = (sel.a, sel.b, sel.c)
         self._head = (head.a, head.b, head.c)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .blocks import block_signature, head_signature, selector_signature, stem_signature
 from .devices import DeviceConfig
-from .latency import LatencyTable, LatencyTableError, now_iso, table_path
+from .latency import Fit, LatencyTable, LatencyTableError, now_iso, table_path
 from .plan import METHODS, PruningPlan
 from .pruning import family_for
 
@@ -83,34 +83,56 @@ class Prediction:
 
 
 class PlanLatency:
-    """Latency of plans for one model on one device, from a table that fits them."""
+    """Latency of plans for one model on one device, from a table that fits them.
 
-    def __init__(
-        self, table: LatencyTable, model: nn.Module, model_name: str, methods: tuple[str, ...] = tuple(METHODS)
-    ):
+    Stem, head and blocks must be in the table; a method's own parts (its selector, and for
+    ``tome`` the blocks with proportional attention) are required for the ``methods`` named
+    here, and otherwise looked up the first time a plan of that method is predicted.
+    """
+
+    def __init__(self, table: LatencyTable, model: nn.Module, model_name: str, methods: tuple[str, ...] | None = None):
         family_for(model)
         self.table, self.model_name = table, model_name
         self.num_prefix = model.num_prefix_tokens
         self.num_patches = model.patch_embed.num_patches
         self.depth = len(model.blocks)
-        heads = model.blocks[0].attn.num_heads
+        self._heads, self._dim = model.blocks[0].attn.num_heads, model.embed_dim
         blocks = [block_signature(b) for b in model.blocks]
+        self._proportional_blocks = [block_signature(b, proportional=True) for b in model.blocks]
         self._stem, self._head = stem_signature(model), head_signature(model)
-        self._selectors = {m: selector_signature(m, model.embed_dim, heads, self.num_prefix) for m in methods}
-        need = {self._stem: "stem", self._head: "head", **{s: "blocks" for s in blocks}}
-        need.update({s: f"{m} selector" for m, s in self._selectors.items()})
-        hint = f"Measure them: spvit-search profile --model {model_name} (with the same device and threads)"
-        table.require(need, hint)
-        self._block_coef = np.array([[f.a, f.b, f.c] for f in (table.fit(s) for s in blocks)])  # (depth, 3)
+        self._hint = f"Measure them: spvit-search profile --model {model_name} (with the same device and threads)"
+        table.require({self._stem: "stem", self._head: "head", **{s: "blocks" for s in blocks}}, self._hint)
+        self._block_coef = self._coefficients(blocks)  # (depth, 3)
         self._stem_ms = float(table.fit(self._stem)(self.num_prefix + self.num_patches))
         self._head_fit = table.fit(self._head)
-        self._selector_fit = {m: table.fit(s) for m, s in self._selectors.items()}
+        self._selector_fits: dict[str, Fit] = {}
+        self._proportional_coef: np.ndarray | None = None
+        for method in methods or ():
+            self.method_parts(method)
         cal = table.meta.get("calibration", {}).get(model_name)
         self.calibration = Calibration(cal["scale"], cal["offset_ms"], len(cal["points"])) if cal else Calibration()
 
+    def _coefficients(self, signatures: list[str]) -> np.ndarray:
+        return np.array([[f.a, f.b, f.c] for f in (self.table.fit(s) for s in signatures)])
+
+    def method_parts(self, method: str) -> tuple[Fit, np.ndarray]:
+        """The fitted selector of ``method`` and the block coefficients after its first stage."""
+        if method not in self._selector_fits:
+            signature = selector_signature(method, self._dim, self._heads, self.num_prefix)
+            need = {signature: f"{method} selector"}
+            if method == "tome":
+                need.update({s: "blocks with proportional attention" for s in self._proportional_blocks})
+            hint = self._hint.replace("--model", f"--methods {method} --model")
+            self.table.require(need, hint)
+            self._selector_fits[method] = self.table.fit(signature)
+            if method == "tome":
+                self._proportional_coef = self._coefficients(self._proportional_blocks)
+        after = self._proportional_coef if method == "tome" else self._block_coef
+        return self._selector_fits[method], after
+
     @classmethod
     def for_device(cls, device: DeviceConfig, model: nn.Module, model_name: str, root="latency_tables",
-                   methods: tuple[str, ...] = tuple(METHODS)) -> PlanLatency:  # fmt: skip
+                   methods: tuple[str, ...] | None = None) -> PlanLatency:  # fmt: skip
         path = table_path(root, device.name, device.runtime, device.threads, device.batch)
         if not path.exists():
             raise LatencyTableError(
@@ -141,33 +163,58 @@ class PlanLatency:
             active[:, s] = act
         return tokens, active
 
+    def _stage_ms(self, method: str, sel: Fit, entering: np.ndarray, leaving: np.ndarray) -> np.ndarray:
+        """One active stage: a selector runs once; a merge runs one matching round per halving."""
+        if method != "tome":
+            return sel(entering)
+        total, n = np.zeros(len(entering)), entering - self.num_prefix
+        target = leaving - self.num_prefix
+        while np.any(n > target):
+            r = np.minimum(n - target, n // 2)
+            total = total + np.where(r > 0, sel(self.num_prefix + n), 0.0)
+            n = np.where(r > 0, n - r, target)
+        return total
+
+    def _blocks_ms(self, method: str, t: np.ndarray, active: np.ndarray, locations: tuple[int, ...],
+                   after: np.ndarray) -> np.ndarray:  # fmt: skip
+        """(P, depth) block latencies; blocks after a plan's first merge use the size-biased fit."""
+        c = np.broadcast_to(self._block_coef, (len(t), *self._block_coef.shape))
+        if method == "tome" and len(locations):
+            first = np.full(len(t), self.depth)
+            for s in reversed(range(len(locations))):
+                first = np.where(active[:, s], locations[s], first)
+            biased = np.arange(self.depth)[None, :] >= first[:, None]
+            c = np.where(biased[..., None], after[None], c)
+        return c[..., 0] + c[..., 1] * t + c[..., 2] * t * t
+
+    def _entering(self, t: np.ndarray, loc: int) -> np.ndarray:
+        return t[:, loc - 1] if loc > 0 else np.full(len(t), self.num_prefix + self.num_patches, float)
+
     def predict_many(self, keep: np.ndarray, locations: tuple[int, ...], method: str = "spvit",
                      package: bool | None = None, calibrated: bool = True) -> np.ndarray:  # fmt: skip
         """Predicted ms for each row of ``keep`` (P, stages)."""
         package = METHODS[method].package_token_default if package is None else package
+        sel, after = self.method_parts(method)
         tokens, active = self.tokens(keep, locations, package)
         t = tokens.astype(float)
-        c = self._block_coef
-        total = self._stem_ms + (c[:, 0] + c[:, 1] * t + c[:, 2] * t * t).sum(axis=1)
+        total = self._stem_ms + self._blocks_ms(method, t, active, locations, after).sum(axis=1)
         total = total + self._head_fit(t[:, -1])
-        sel = self._selector_fit[method]
         for s, loc in enumerate(locations):
-            entering = t[:, loc - 1] if loc > 0 else np.full(len(t), self.num_prefix + self.num_patches, float)
-            total = total + np.where(active[:, s], sel(entering), 0.0)
+            stage = self._stage_ms(method, sel, self._entering(t, loc), t[:, loc])
+            total = total + np.where(active[:, s], stage, 0.0)
         return self.calibration(total) if calibrated else total
 
     def predict(self, plan: PruningPlan) -> Prediction:
         plan.check_depth(self.depth)
+        sel, after = self.method_parts(plan.method)
         tokens, active = self.tokens(np.array([plan.keep]), plan.locations, plan.package_token)
-        t = tokens[0].astype(float)
-        c = self._block_coef
-        blocks = c[:, 0] + c[:, 1] * t + c[:, 2] * t * t
-        sel = self._selector_fit[plan.method]
+        t = tokens.astype(float)
+        blocks = self._blocks_ms(plan.method, t, active, plan.locations, after)[0]
         selectors = [
-            float(sel(t[loc - 1] if loc > 0 else self.num_prefix + self.num_patches)) if active[0, s] else 0.0
+            float(self._stage_ms(plan.method, sel, self._entering(t, loc), t[:, loc])[0]) if active[0, s] else 0.0
             for s, loc in enumerate(plan.locations)
         ]
-        head = float(self._head_fit(t[-1]))
+        head = float(self._head_fit(t[0, -1]))
         parts = self._stem_ms + float(blocks.sum()) + sum(selectors) + head
         return Prediction(
             total_ms=float(self.calibration(parts)), parts_ms=parts, stem_ms=self._stem_ms,
@@ -194,7 +241,8 @@ class PlanLatency:
         return cal
 
 
-def calibration_plans(depth: int, model_name: str, count: int = 5) -> list[PruningPlan]:
+def calibration_plans(depth: int, model_name: str, count: int = 5,
+                      methods: tuple[str, ...] = ("spvit", "hard", "evit")) -> list[PruningPlan]:  # fmt: skip
     """The dense model and plans spread evenly down to ~35% of its latency, methods alternating.
 
     Spread matters: scale and offset fitted to points that sit close together extrapolate badly
@@ -204,7 +252,7 @@ def calibration_plans(depth: int, model_name: str, count: int = 5) -> list[Pruni
 
     locations = default_locations(depth, 3)
     plans = [PruningPlan(locations=locations, keep=(1.0,) * 3, model=model_name)]
-    methods = list(METHODS)
+    methods = list(methods)
     for i in range(1, count):
         r = 1.0 - 0.6 * i / max(1, count - 1)  # per-stage ratio from ~0.85 down to 0.4
         keep = (round(r, 3), round(r**2, 3), round(r**3, 3))

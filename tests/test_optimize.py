@@ -69,6 +69,25 @@ def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
     assert len(meta["calibration"][MODEL]["points"]) > 3
 
 
+def test_optimize_merges_tokens_with_tome_on_a_plain_checkpoint(tmp_path, demo):
+    runner = CliRunner()
+    target = round(demo["dense_ms"] * 0.8, 3)
+    args = _args(demo, "--method", "tome", "--target-ms", str(target), "--trials", "30", "--verify-top", "0",
+                 "--out", str(tmp_path / "plan.yaml"), "--json")  # fmt: skip
+    missing = runner.invoke(main, args)
+    assert missing.exit_code == 2 and "selector-tome" in missing.output and "--methods tome" in missing.output
+    tables = str(demo["tables"])
+    profiled = runner.invoke(main, ["profile", "--model", MODEL, "--out", tables, "--rounds", "3", "--runs", "5",
+                                    "--methods", "tome"])  # fmt: skip
+    assert profiled.exit_code == 0, profiled.output
+    done = runner.invoke(main, args)
+    assert done.exit_code == 0, done.output
+    plan = sp.PruningPlan.load(tmp_path / "plan.yaml")
+    assert plan.method == "tome" and not plan.package_token and min(plan.keep) < 1.0
+    latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), build_model(MODEL), MODEL, root=tables)
+    assert latency.predict(plan).total_ms <= target
+
+
 def test_infeasible_target_and_unknown_device_are_refused(demo):
     runner = CliRunner()
     tiny = runner.invoke(main, _args(demo, "--target-ms", "0.001", "--trials", "5"))

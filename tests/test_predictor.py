@@ -18,12 +18,12 @@ from spvit_search.predictor import PlanLatency, fit_calibration
 MODEL = "deit_tiny_patch16_224"
 
 
-def _synthetic_table(tmp_path, model, threads=1, batch=1, runtime="onnxruntime", device="local"):
-    """A table with known curves: every part costs 0.5 + 0.01·N + 1e-5·N² ms."""
+def _synthetic_table(tmp_path, model, threads=1, batch=1, runtime="onnxruntime", device="local", parts=None):
+    """A table with known curves: every part costs 0.5 + 0.01·N + 1e-5·N² ms (× 2 for ``-propattn`` blocks)."""
     rows = []
-    for part in model_parts(model):
+    for part in model_parts(model, *([parts] if parts else [])):
         for n in part.grid:
-            ms = 0.5 + 0.01 * n + 1e-5 * n * n
+            ms = (0.5 + 0.01 * n + 1e-5 * n * n) * (2 if part.signature.endswith("-propattn") else 1)
             rows.append({"signature": part.signature, "tokens": n, "median_ms": ms, "p10_ms": ms, "p90_ms": ms,
                          "mean_ms": ms, "std_ms": 0.0, "runs": 10, "rounds": 5, "runtime": runtime,
                          "runtime_version": "test", "threads": threads, "batch": batch,
@@ -76,6 +76,30 @@ def test_prediction_is_the_sum_of_parts_and_batches_agree(tmp_path, model):
         many = latency.predict_many(np.array([p.keep for p in same]), same[0].locations, method)
         fixed = [p.replace(locations=same[0].locations) for p in same]
         assert many == pytest.approx([latency.predict(p).total_ms for p in fixed])
+
+
+def test_tome_predicts_merge_rounds_and_proportional_blocks_after_the_first_merge(tmp_path, model):
+    latency = PlanLatency(LatencyTable.open(_synthetic_table(tmp_path, model)), model, MODEL)
+    curve = lambda n: 0.5 + 0.01 * n + 1e-5 * n * n  # noqa: E731
+    plan = sp.PruningPlan(locations=(3, 6, 9), keep=(1.0, 0.49, 0.2), method="tome")
+    pred = latency.predict(plan)
+    tokens = plan.tokens_per_block(model)
+    assert tokens == (197,) * 6 + (97,) * 3 + (40,) * 3
+    assert pred.blocks_ms == pytest.approx([curve(n) * (2 if i >= 6 else 1) for i, n in enumerate(tokens)])
+    # stage 1 idle; 196 → 96 patches in rounds of 98 and 2; 96 → 39 in rounds of 48 and 9
+    assert pred.selectors_ms == pytest.approx([0.0, curve(197) + curve(99), curve(97) + curve(49)])
+    many = latency.predict_many(np.array([plan.keep, (0.7, 0.49, 0.2)]), plan.locations, "tome", calibrated=False)
+    assert many[0] == pytest.approx(pred.parts_ms)
+
+
+def test_a_method_without_its_parts_in_the_table_names_the_profile_command(tmp_path, model):
+    table = LatencyTable.open(_synthetic_table(tmp_path, model, parts=("spvit", "evit")))
+    latency = PlanLatency(table, model, MODEL)
+    assert latency.predict(sp.PruningPlan(method="evit")).total_ms > 0
+    with pytest.raises(LatencyTableError, match=r"selector-tome.*proportional attention.*profile --methods tome"):
+        latency.predict(sp.PruningPlan(method="tome"))
+    with pytest.raises(LatencyTableError, match=r"selector-hard"):
+        PlanLatency(table, model, MODEL, methods=("hard",))
 
 
 @pytest.mark.parametrize(

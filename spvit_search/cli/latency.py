@@ -125,7 +125,7 @@ def predict(device_name, model_name, keep, locations, method, package_token, thr
     device = device_for(devices_file, device_name, threads)
     model = create_model(model_name)
     plan = build_plan(model, model_name, keep, locations, method, package_token)
-    latency = PlanLatency.for_device(device, model, model_name, root=tables)
+    latency = PlanLatency.for_device(device, model, model_name, root=tables, methods=(plan.method,))
     start = time.perf_counter()
     pred = latency.predict(plan)
     cost_ms = (time.perf_counter() - start) * 1e3
@@ -209,7 +209,7 @@ def measure(device_name, model_name, keep, locations, method, package_token, pla
     pred, why = None, None
     if model is not None:
         try:
-            latency = PlanLatency.for_device(device, model, model_name, root=tables)
+            latency = PlanLatency.for_device(device, model, model_name, root=tables, methods=(plan.method,))
             pred = latency.predict(plan)
         except LatencyTableError as err:
             why = str(err)

@@ -111,7 +111,8 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
         from ..predictor import PlanLatency
 
         device = registry(devices_file).get(latency_device or plan.device or "local")
-        latency = PlanLatency.for_device(device, build_model(plan.model, num_classes=classes), plan.model, root=tables)
+        shape = build_model(plan.model, num_classes=classes)  # a dense model of the same structure
+        latency = PlanLatency.for_device(device, shape, plan.model, root=tables, methods=(plan.method,))
         penalty = LatencyPenalty(latency, plan, target_ms)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, selector_warmup_epochs=selector_warmup, ratio_weight=ratio_weight,
