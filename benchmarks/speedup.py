@@ -9,6 +9,7 @@ interleaved in shuffled order per round (profilers/protocol.py); figures are med
 * overhead = (pruned - same-token-count blocks without any selection) / dense latency: what
   scoring, top-k, gather and the package token cost (goal <= 2%). The baseline keeps exactly
   the plan's token counts by slicing the sequence, so only the selection itself differs.
+  For ``tome`` it is matching, merging and proportional attention in the later blocks (goal <= 3%).
 
     python benchmarks/speedup.py [--model deit_small_patch16_224] [--rounds 7] [--json out.json]
 """
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     dense = create_model(args.model).eval()
     macs = {"dense": sp.count_flops(dense).macs}
     files = {"dense": sp.export_onnx(dense, tmp / "dense.onnx")}
-    for method in ("spvit", "hard", "evit"):
+    for method in ("spvit", "hard", "evit", "tome"):
         plan = sp.PruningPlan(locations=locations, keep=keep, method=method)
         model = sp.prune(create_model(args.model).eval(), plan)
         macs[method] = sp.count_flops(model).macs
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dense_ms = timing["dense"].median_ms
     rows = []
-    for method in ("spvit", "hard", "evit"):
+    for method in ("spvit", "hard", "evit", "tome"):
         ms = timing[method].median_ms
         speedup = dense_ms / ms
         reduction = macs["dense"] / macs[method]
