@@ -31,6 +31,7 @@ from profilers import MeasureSettings
 from spvit_search.devices import DeviceRegistry
 from spvit_search.measure import measure_models
 from spvit_search.models import create_model
+from spvit_search.plan import PROFILED_BY_DEFAULT
 from spvit_search.predictor import PlanLatency, calibration_plans, fit_calibration
 from spvit_search.profile import profile_model
 
@@ -41,7 +42,8 @@ def random_plan(rng: random.Random, depth: int, model_name: str) -> sp.PruningPl
     for _ in locations:
         k *= rng.uniform(0.45, 1.0)
         keep.append(round(k, 3))
-    return sp.PruningPlan(locations=locations, keep=tuple(keep), method=rng.choice(list(sp.METHODS)), model=model_name)
+    method = rng.choice(PROFILED_BY_DEFAULT)
+    return sp.PruningPlan(locations=locations, keep=tuple(keep), method=method, model=model_name)
 
 
 def run_case(model_name: str, threads: int, n_plans: int, tables: Path, seed: int, rounds: int) -> dict:

@@ -30,6 +30,7 @@ from spvit_search.blocks import model_parts
 from spvit_search.devices import DeviceRegistry
 from spvit_search.latency import LatencyTable, fit_curve, table_path
 from spvit_search.models import create_model
+from spvit_search.plan import PROFILED_BY_DEFAULT
 from spvit_search.profile import _artifact
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = LatencyTable.open(table_path(root, device.name, device.runtime, device.threads, device.batch))
 
     rng = random.Random(0)
-    jobs, held_of, parts = [], {}, [p for p in model_parts(model) if p.kind != "stem"]
+    jobs, held_of, parts = [], {}, [p for p in model_parts(model, PROFILED_BY_DEFAULT) if p.kind != "stem"]
     with make_profiler(device) as profiler, tempfile.TemporaryDirectory() as tmp:
         for part in parts:
             lo, hi = min(part.grid), max(part.grid)

@@ -49,6 +49,10 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+#: the methods ``profile`` measures unless told otherwise (``tome`` adds a second set of blocks)
+PROFILED_BY_DEFAULT: tuple[str, ...] = ("spvit", "hard", "evit")
+
+
 def kept_count(keep: float, num_patches: int) -> int:
     """Patch tokens kept at cumulative ratio ``keep``: round half up, at least one."""
     return max(1, math.floor(keep * num_patches + 0.5))

@@ -20,7 +20,7 @@ from .devices import DeviceConfig
 from .errors import SpvitError
 from .latency import LatencyTable, now_iso, table_path
 from .models import create_model
-from .plan import METHODS
+from .plan import PROFILED_BY_DEFAULT
 
 DEFAULT_ROOT = Path("latency_tables")
 
@@ -93,7 +93,7 @@ def profile_model(
     warmup: int = 3,
     runs: int = 10,
     force: bool = False,
-    methods: tuple[str, ...] = tuple(METHODS),
+    methods: tuple[str, ...] = PROFILED_BY_DEFAULT,
     progress: bool = True,
     plot: bool = True,
 ) -> ProfileResult:

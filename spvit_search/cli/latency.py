@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ..plan import PROFILED_BY_DEFAULT
 from . import main
 from ._common import (
     build_plan,
@@ -80,7 +81,12 @@ def devices_check(devices_file, name):
 @click.option("--runs", type=int, default=10, show_default=True, help="runs per point per round")
 @click.option("--force", is_flag=True, help="re-measure points already in the table")
 @click.option("--out", "root", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
-@click.option("--methods", default="spvit,hard,evit", show_default=True, help="selectors to measure")
+@click.option(
+    "--methods",
+    default=",".join(PROFILED_BY_DEFAULT),
+    show_default=True,
+    help="methods whose parts to measure (tome: its merge and the blocks with proportional attention)",
+)
 @devices_option
 @user_errors
 def profile(device_name, model_name, tokens, threads, rounds, runs, force, root, methods, devices_file):
