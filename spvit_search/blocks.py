@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .plan import METHODS, kept_count
+from .plan import METHODS, PROFILED_BY_DEFAULT, kept_count
 from .pruning.merge import KeyReader, TokenMerger
 from .pruning.reducer import TokenReducer
 from .pruning.selector import ClsAttentionScorer, MultiHeadTokenSelector
@@ -176,7 +176,7 @@ def _dense(module: nn.Module) -> nn.Module:
     return clone.eval()
 
 
-def model_parts(model: nn.Module, methods: tuple[str, ...] = tuple(METHODS)) -> list[Part]:
+def model_parts(model: nn.Module, methods: tuple[str, ...] = PROFILED_BY_DEFAULT) -> list[Part]:
     """Distinct measurable parts of a timm ViT: stem, one per block signature, selectors, head."""
     from .pruning import family_for
 

@@ -21,7 +21,7 @@ MODEL = "deit_tiny_patch16_224"
 def _synthetic_table(tmp_path, model, threads=1, batch=1, runtime="onnxruntime", device="local", parts=None):
     """A table with known curves: every part costs 0.5 + 0.01·N + 1e-5·N² ms (× 2 for ``-propattn`` blocks)."""
     rows = []
-    for part in model_parts(model, *([parts] if parts else [])):
+    for part in model_parts(model, parts or tuple(sp.METHODS)):
         for n in part.grid:
             ms = (0.5 + 0.01 * n + 1e-5 * n * n) * (2 if part.signature.endswith("-propattn") else 1)
             rows.append({"signature": part.signature, "tokens": n, "median_ms": ms, "p10_ms": ms, "p90_ms": ms,
