@@ -16,6 +16,7 @@ from .export import export_onnx
 from .flops import count_flops
 from .plan import METHODS, PlanError, PruningPlan, kept_count
 from .pruning import UnsupportedModelError, prune, pruning_state, unprune
+from .pruning.merge import tome_schedule
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,6 @@ __all__ = [
     "kept_count",
     "prune",
     "pruning_state",
+    "tome_schedule",
     "unprune",
 ]

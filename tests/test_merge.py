@@ -1,12 +1,13 @@
 """Token merging (method ``tome``): the matching, the size-weighted merge, proportional attention."""
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 import spvit_search as sp
-from spvit_search.plan import kept_count
-from spvit_search.pruning.merge import bipartite_merge, merge_rounds
+from spvit_search.plan import PlanError, kept_count
+from spvit_search.pruning.merge import bipartite_merge, merge_rounds, tome_schedule
 
 
 def _merge_by_loops(x, size, metric, r):
@@ -101,3 +102,14 @@ def test_average_pooled_models_weigh_merged_tokens_by_their_patches():
     weighted = (seen["tokens"] * size).sum(dim=1) / size.sum(dim=1)
     assert torch.allclose(seen["pooled"], weighted, atol=1e-6)
     assert not torch.allclose(seen["pooled"], seen["tokens"].mean(dim=1), atol=1e-4)
+
+
+def test_the_canonical_schedule_removes_r_tokens_before_every_block():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=112).eval()
+    plan = tome_schedule(len(model.blocks), 49, r=4)
+    sp.prune(model, plan)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 112, 112))
+    assert sp.pruning_state(model).token_counts == [1 + 49 - 4 * i for i in range(12)]
+    with pytest.raises(PlanError, match="does not fit"):
+        tome_schedule(12, 49, r=5)  # 49 − 11·5 < 1

@@ -30,10 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plan import kept_count
+from ..plan import PlanError, PruningPlan, kept_count
 from .reducer import gather_tokens
 from .selector import PreviousQkv
 from .state import PruneState
+
+
+def tome_schedule(depth: int, num_patches: int, r: int) -> PruningPlan:
+    """ToMe's canonical schedule as a plan: ``r`` fewer tokens before every block from block 1 on.
+
+    Locations 1…depth−1 (block 0 has no previous attention to match on), cumulative keep
+    ``(N − (i+1)·r) / N``, so the stage before block ``i+1`` leaves exactly ``N − (i+1)·r``
+    patch tokens. One matching round removes at most half of the tokens, hence ``r ≤ N/2``.
+    """
+    left = num_patches - (depth - 1) * r
+    if r < 1 or 2 * r > num_patches or left < 1:
+        raise PlanError(f"r={r} does not fit {depth} blocks of {num_patches} patches: need 1 <= r <= "
+                        f"{num_patches // 2} and at least one patch left ({left})")  # fmt: skip
+    keep = tuple((num_patches - (i + 1) * r) / num_patches for i in range(depth - 1))
+    return PruningPlan(locations=tuple(range(1, depth)), keep=keep, method="tome")
 
 
 def merge_rounds(n: int, k: int) -> list[int]:
