@@ -177,9 +177,7 @@ class Bench:
     def done(self, setting: DataSetting, seed: int, variant: str) -> dict | None:
         """The recorded cell, if it was made with today's setting and today's shipped teacher."""
         cell = self.results["cells"].get(self.key(setting, seed, variant))
-        if not cell or cell.get("setting") != asdict(setting):
-            return None
-        return cell if cell.get("teacher_sha256") == shipped_sha256(setting) else None
+        return cell if cell and is_current(setting.name, cell) else None
 
     def record(self, setting: DataSetting, seed: int, variant: str, cell: dict) -> None:
         cell = {"setting": asdict(setting), **cell, "teacher_sha256": shipped_sha256(setting)}
@@ -307,8 +305,10 @@ class Bench:
 
 
 def is_current(data: str, cell: dict) -> bool:
-    """Whether ``cell`` was made with today's setting of its data set (others are rerun, not shown)."""
-    return data in SETTINGS and cell.get("setting") == asdict(SETTINGS[data])
+    """Whether ``cell`` was made with today's setting and shipped teacher (others are rerun, not shown)."""
+    setting = SETTINGS.get(data)
+    return (setting is not None and cell.get("setting") == asdict(setting)
+            and cell.get("teacher_sha256") == shipped_sha256(setting))  # fmt: skip
 
 
 def summarise(results: dict, seeds: list[int]) -> list[dict]:

@@ -24,7 +24,7 @@ from torch import nn
 from .plan import METHODS, PROFILED_BY_DEFAULT, kept_count
 from .pruning.merge import KeyReader, TokenMerger
 from .pruning.reducer import TokenReducer
-from .pruning.selector import ClsAttentionScorer, MultiHeadTokenSelector
+from .pruning.selector import ClsAttentionScorer, MultiHeadTokenSelector, PreviousQkv
 from .pruning.state import PruneState
 
 #: token grids as fractions of the patch tokens (the prefix tokens are always added)
@@ -116,8 +116,7 @@ class _Selector(nn.Module):
 
     def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
         if qkv is not None:  # EViT and ToMe read the previous block's qkv projection
-            reads_qkv = self.reducer.keys if isinstance(self.reducer, TokenMerger) else self.reducer.scorer
-            reads_qkv._qkv = qkv
+            next(m for m in self.reducer.modules() if isinstance(m, PreviousQkv))._qkv = qkv
         return self.reducer(x, PruneState(num_prefix=self.num_prefix))
 
 
@@ -195,16 +194,16 @@ def model_parts(model: nn.Module, methods: tuple[str, ...] = PROFILED_BY_DEFAULT
         ),
     ]
     seen: set[str] = set()
+    block_grid = _grid(model, BLOCK_FRACTIONS)
     for block in model.blocks:
         sig = block_signature(block)
         if sig not in seen:
             seen.add(sig)
-            parts.append(Part("block", sig, _Block(block), token_input, _grid(model, BLOCK_FRACTIONS), dynamic=True))
+            parts.append(Part("block", sig, _Block(block), token_input, block_grid, dynamic=True))
             if "tome" in methods:  # blocks after a merge run with the size bias
                 inputs = (*token_input, InputSpec("size", (1,), positive=True))
                 biased = block_signature(block, proportional=True)
-                grid = _grid(model, BLOCK_FRACTIONS)
-                parts.append(Part("block", biased, _ProportionalBlock(block), inputs, grid, dynamic=True))
+                parts.append(Part("block", biased, _ProportionalBlock(block), inputs, block_grid, dynamic=True))
     heads = model.blocks[0].attn.num_heads
     for method in methods:
         spec = METHODS[method]

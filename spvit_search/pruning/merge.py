@@ -54,10 +54,8 @@ def tome_schedule(depth: int, num_patches: int, r: int) -> PruningPlan:
 def merge_rounds(n: int, k: int) -> list[int]:
     """Tokens removed by each bipartite round to go from ``n`` to ``k`` patch tokens (≤ n//2 each)."""
     rounds = []
-    while n > k:
+    while n > k >= 1:  # n ≥ 2 here, so every round removes at least one token
         r = min(n - k, n // 2)
-        if r < 1:
-            break
         rounds.append(r)
         n -= r
     return rounds

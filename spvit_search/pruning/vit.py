@@ -79,14 +79,13 @@ class VitFamily(ModelFamily):
                 raise UnsupportedModelError(
                     f"block {i} ({type(blk).__name__}) takes no attn_mask; token pruning needs timm >= 1.0.16 blocks"
                 )
-        if plan.method == "tome":
-            for loc in plan.locations:
-                attn = model.blocks[loc - 1].attn if loc > 0 else None
-                if attn is not None and (not isinstance(getattr(attn, "qkv", None), nn.Linear)
-                                         or not hasattr(attn, "head_dim")):  # fmt: skip
+        if plan.method in ("evit", "tome"):  # both read the previous block's qkv (block 0: tome matches on x)
+            for loc in (loc for loc in plan.locations if loc > 0):
+                attn = model.blocks[loc - 1].attn
+                if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(attn, "head_dim"):
                     raise UnsupportedModelError(
-                        f"method 'tome' matches tokens on the keys of block {loc - 1}, which needs a timm Attention "
-                        f"with a fused qkv projection; found {type(attn).__name__}"
+                        f"method {plan.method!r} needs a timm Attention with a fused qkv projection in block "
+                        f"{loc - 1}, found {type(attn).__name__}"
                     )
         if plan.method == "evit":
             if not getattr(model, "has_class_token", False):
@@ -97,13 +96,6 @@ class VitFamily(ModelFamily):
                 raise PlanError(
                     "method 'evit' reads the attention of the block before each location; locations must be >= 1"
                 )
-            for loc in plan.locations:
-                attn = model.blocks[loc - 1].attn
-                if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(attn, "head_dim"):
-                    raise UnsupportedModelError(
-                        f"method 'evit' needs a timm Attention with a fused qkv projection in block {loc - 1}, "
-                        f"found {type(attn).__name__}"
-                    )
         if plan.spec.learned_selector and getattr(model, "attn_pool", None) is not None:
             raise UnsupportedModelError(
                 f"method {plan.method!r} trains with token masks, which attention pooling ('map') would ignore; "
@@ -155,9 +147,9 @@ class VitFamily(ModelFamily):
     def unpatch(self, model: nn.Module) -> nn.Module:
         for blk in model.blocks:
             reducer = blk._modules.pop("token_selector", None)
-            hooked = getattr(reducer, "keys", None) or getattr(reducer, "scorer", None)
-            if isinstance(hooked, PreviousQkv):
-                hooked.remove()
+            for hooked in reducer.modules() if reducer is not None else ():
+                if isinstance(hooked, PreviousQkv):
+                    hooked.remove()
             unswap_class(blk, _PrunedBlock)
             blk.__dict__.pop("_spvit_state", None)
         unswap_class(model, _PrunedViT)
