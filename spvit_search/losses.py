@@ -44,6 +44,12 @@ def kept_token_mse(student: torch.Tensor, teacher: torch.Tensor, state: PruneSta
     return (err * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def patch_token_mse(student: torch.Tensor, teacher: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """MSE between every patch token of a dense student and the teacher's (a shallower model's
+    token distillation: the same tokens, the same width)."""
+    return (student[:, num_prefix:] - teacher[:, num_prefix:]).pow(2).mean()
+
+
 class LatencyPenalty(nn.Module):
     """The paper's latency-aware loss: predicted latency from the *expected* token counts.
 

@@ -18,14 +18,29 @@ class ModelError(SpvitError, ValueError):
 
 def create_model(name: str, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
     """``timm.create_model`` without pretrained downloads; unknown names suggest close matches."""
+    _check_name(name)
+    state = read_state(checkpoint) if checkpoint is not None else None
+    model = _member_for(name, state, kwargs)
+    if state is not None:
+        apply_state(model, state, checkpoint, name)
+    return model
+
+
+def _check_name(name: str) -> None:
     if not timm.is_model(name):
         names = timm.list_models()
         close = [n for n in names if name.lower() in n][:5] or difflib.get_close_matches(name, names, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
         raise ModelError(f"unknown model {name!r}{hint}")
+
+
+def _member_for(name: str, state: dict | None, kwargs: dict) -> nn.Module:
+    """``name`` built with ``kwargs`` — with the depth of ``state`` if it holds fewer or more
+    blocks than ``name`` has (a shallower member of the family, from ``spvit-search shrink``)."""
     model = timm.create_model(name, pretrained=False, **kwargs)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, name)
+    depth = state_depth(state) if state is not None else None
+    if depth is not None and "depth" not in kwargs and len(getattr(model, "blocks", ())) not in (0, depth):
+        model = timm.create_model(name, pretrained=False, depth=depth, **kwargs)
     return model
 
 
@@ -66,6 +81,12 @@ def apply_state(model: nn.Module, state: dict, path: str | Path, name: str = "mo
     model.load_state_dict(state)
 
 
+def state_depth(state: dict) -> int | None:
+    """Blocks of a flat ViT state dict (keys ``blocks.<i>.…``), or None for other layouts."""
+    indices = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    return max(indices) + 1 if indices else None
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, name: str = "model") -> None:
     apply_state(model, read_state(path), path, name)
 
@@ -76,14 +97,17 @@ def build_model(
     """A timm model, pruned by ``plan`` if given, with a dense or fine-tuned checkpoint loaded.
 
     A dense checkpoint is loaded before pruning (new selectors start fresh); a fine-tuned one,
-    which holds selectors, after pruning with the plan it was fine-tuned with.
+    which holds selectors, after pruning with the plan it was fine-tuned with. A flat ViT
+    checkpoint with fewer blocks than ``name`` has (``spvit-search shrink``) builds that
+    shallower member of the family.
     """
     from .pruning import prune
 
     state = read_state(checkpoint) if checkpoint is not None else None
     if num_classes is None and state is not None and "head.weight" in state:
         num_classes = state["head.weight"].shape[0]
-    model = create_model(name, **({} if num_classes is None else {"num_classes": num_classes}))
+    _check_name(name)
+    model = _member_for(name, state, {} if num_classes is None else {"num_classes": num_classes})
     selectors = sorted({int(k.split(".")[1]) for k in (state or {}) if ".token_selector." in k})
     if selectors and (plan is None or not plan.spec.learned_selector):
         raise ModelError(

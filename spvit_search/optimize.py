@@ -66,6 +66,7 @@ class OptimizeSettings:
     sampler: str = "tpe"
     seed: int | None = 0
     multi_objective: bool = False
+    proxy: str = "evit"  # scores a learned method's plans on a plain checkpoint (no trained selectors)
     verify_top: int = 3
     tables: str = "latency_tables"
     progress: bool = True
@@ -82,9 +83,11 @@ class OptimizeResult:
     fastest_ms: float = 0.0
     seconds: float = 0.0
     study: optuna.Study | None = None
+    proxy: str | None = None  # the training-free method whose accuracy placed the budget, if any
 
 
-def _space(settings: OptimizeSettings, depth: int, trained_locations: tuple[int, ...] | None) -> SearchSpace:
+def _space(settings: OptimizeSettings, depth: int, trained_locations: tuple[int, ...] | None,
+           proxy: str | None) -> SearchSpace:  # fmt: skip
     if trained_locations is not None:
         sets = (trained_locations,)
     elif settings.search_locations:
@@ -93,23 +96,33 @@ def _space(settings: OptimizeSettings, depth: int, trained_locations: tuple[int,
         sets = tuple(combinations(range(1, depth), settings.stages))
     else:
         sets = (settings.locations or default_locations(depth, settings.stages),)
-    return SearchSpace(sets, settings.methods, settings.min_factor, settings.step)
+    return SearchSpace(sets, settings.methods, settings.min_factor, settings.step, proxy)
 
 
 def load_search_model(model_name: str, settings: OptimizeSettings):
-    """The model and, for learned selectors, the locations they were trained at."""
+    """The model; for learned selectors, the locations they were trained at; and the proxy.
+
+    A learned method on a plain checkpoint (its selectors not trained yet) is placed with a
+    training-free proxy (``settings.proxy``, EViT): the proxy's calibration accuracy ranks the
+    plans, the learned method's own latency decides which fit. That is how a budget is placed
+    *before* the fine-tune that trains the selectors at the chosen ratios.
+    """
     learned = [m for m in settings.methods if METHODS[m].learned_selector]
     if not learned:
-        return build_model(model_name, settings.checkpoint).eval(), None
+        return build_model(model_name, settings.checkpoint).eval(), None, None
     state = read_state(settings.checkpoint) if settings.checkpoint else {}
     locations = tuple(sorted({int(k.split(".")[1]) for k in state if ".token_selector." in k}))
     if not locations:
-        raise SearchError(
-            f"method {learned[0]!r} scores tokens with trained selectors: give a fine-tuned --checkpoint "
-            "(spvit-search finetune), or use --method evit on a plain checkpoint"
-        )
+        if not settings.checkpoint:
+            raise SearchError(
+                f"method {learned[0]!r} needs a --checkpoint: fine-tuned (its trained selectors score the plans) "
+                f"or plain (a training-free proxy, {settings.proxy}, places the budget)"
+            )
+        if len(settings.methods) > 1:
+            raise SearchError(f"a plain checkpoint places one learned method at a time, not {list(settings.methods)}")
+        return build_model(model_name, settings.checkpoint).eval(), None, settings.proxy
     plan = PruningPlan(locations=locations, keep=(1.0,) * len(locations), method=learned[0])
-    return build_model(model_name, settings.checkpoint, plan).eval(), locations
+    return build_model(model_name, settings.checkpoint, plan).eval(), locations, None
 
 
 def calibration_tensors(data: str, count: int, model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,9 +143,9 @@ def _worker_argv(argv: list[str]) -> list[str]:
 def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings, worker_argv: list[str] | None = None,
               worker_only: bool = False):  # fmt: skip
     """Build everything and run the trials of this process; returns (study, latency, model, space, evaluator)."""
-    model, trained = load_search_model(model_name, settings)
+    model, trained, proxy = load_search_model(model_name, settings)
     latency = PlanLatency.for_device(device, model, model_name, root=settings.tables, methods=settings.methods)
-    space = _space(settings, len(model.blocks), trained)
+    space = _space(settings, len(model.blocks), trained, proxy)
     fastest_ms, fastest = space.fastest(latency)
     if settings.target_ms < fastest_ms:
         raise SearchError(
@@ -147,6 +160,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     name = (
         settings.study
         or f"{model_name}-{device.name}-t{device.threads}-{settings.target_ms:g}ms-{'+'.join(settings.methods)}"
+        + (f"-by-{proxy}" if proxy else "")
     )
     study = create_study(
         name, open_storage(settings.storage), settings.multi_objective, settings.sampler, settings.seed
@@ -226,7 +240,7 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
 def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, out: str | Path = "plan.yaml",
              worker_argv: list[str] | None = None) -> OptimizeResult:  # fmt: skip
     start = time.perf_counter()
-    study, latency, model, _, _, fastest_ms = run_study(model_name, device, settings, worker_argv)
+    study, latency, model, space, _, fastest_ms = run_study(model_name, device, settings, worker_argv)
     counts = _counts(study)
     ranked = feasible_ranked(study, settings.target_ms, latency, model_name)
     if not ranked:
@@ -254,7 +268,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     )  # fmt: skip
     plan.save(out)
     return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
-                          fastest_ms, time.perf_counter() - start, study)  # fmt: skip
+                          fastest_ms, time.perf_counter() - start, study, space.proxy)  # fmt: skip
 
 
 def _candidate_row(c: dict) -> dict:

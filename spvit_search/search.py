@@ -36,12 +36,17 @@ class SearchSpace:
     methods: tuple[str, ...]
     min_factor: float = 0.3
     step: float = 0.05
+    #: a training-free method that scores the plans of a learned one whose selectors are not
+    #: trained yet (a plain checkpoint): it places the budget, the latency stays the method's
+    proxy: str | None = None
 
     def __post_init__(self) -> None:
         if not self.location_sets or not self.methods:
             raise SearchError("the search space needs at least one location set and one method")
+        if self.proxy is not None and METHODS[self.proxy].learned_selector:
+            raise SearchError(f"proxy {self.proxy!r} needs trained selectors itself; use a training-free method")
         learned = [m for m in self.methods if METHODS[m].learned_selector]
-        if learned and (len(self.location_sets) > 1 or len(self.methods) > 1):
+        if learned and self.proxy is None and (len(self.location_sets) > 1 or len(self.methods) > 1):
             raise SearchError(
                 f"method(s) {learned} use trained selectors: search their keep ratios only, at the locations "
                 "they were trained (one method, fixed locations)"
@@ -53,7 +58,16 @@ class SearchSpace:
     def first_block(self) -> int:
         """Earliest block a plan can change (EViT reads the attention of the block before)."""
         first = min(min(locs) for locs in self.location_sets)
-        return first - 1 if any(not METHODS[m].learned_selector for m in self.methods) else first
+        scorers = [self.proxy] if self.proxy else self.methods
+        return first - 1 if any(not METHODS[m].learned_selector for m in scorers) else first
+
+    def scored_plan(self, plan: PruningPlan) -> PruningPlan:
+        """The plan whose calibration accuracy stands for ``plan``'s: itself, or its proxy's
+        (with the method's package token where the proxy has one: EViT fuses or drops alike)."""
+        if self.proxy is None or not plan.spec.learned_selector:
+            return plan
+        keeps_package = plan.package_token and METHODS[self.proxy].package_token_allowed
+        return plan.replace(method=self.proxy, package_token=keeps_package)
 
     def factors(self) -> np.ndarray:
         n = round((1.0 - self.min_factor) / self.step)
@@ -142,7 +156,7 @@ def make_objective(
             accuracy = trial_accuracy(earlier)
         else:
             report = None if multi_objective else _pruning_report(trial)
-            accuracy = evaluator.evaluate(plan, report)
+            accuracy = evaluator.evaluate(space.scored_plan(plan), report)
         trial.set_user_attr("evaluated", True)
         trial.set_user_attr("accuracy", accuracy)
         if multi_objective:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .data import build_dataset
 from .errors import SpvitError
-from .losses import distillation_kl, kept_token_mse, ratio_loss
+from .losses import distillation_kl, kept_token_mse, patch_token_mse, ratio_loss
 from .plan import PruningPlan
 from .pruning import pruning_state
 from .records import append_csv_rows
@@ -360,6 +360,9 @@ def fit(
                 parts["distill"] = cfg.distill_weight * distillation_kl(logits, t_logits, cfg.distill_tau)
                 if learned and state.patch_policy is not None and cfg.token_distill_weight:
                     parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
+                elif not pruned and cfg.token_distill_weight and features.shape == t_features.shape:
+                    prefix = getattr(model, "num_prefix_tokens", 1)
+                    parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, prefix)
             if latency_penalty is not None and learned and state.kept_fraction:
                 parts["latency"] = cfg.latency_weight * latency_penalty(state.differentiable_fraction)
             loss = sum(parts.values())

@@ -69,6 +69,31 @@ def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
     assert len(meta["calibration"][MODEL]["points"]) > 3
 
 
+@pytest.mark.parametrize("method", ["spvit", "hard"])
+def test_a_learned_method_on_a_plain_checkpoint_is_placed_by_the_evit_proxy(tmp_path, demo, method):
+    """Before its fine-tune, spvit's budget is placed with EViT's scores but spvit's own latency."""
+    from spvit_search.evaluate import PlanEvaluator
+    from spvit_search.optimize import calibration_tensors
+
+    target = round(demo["dense_ms"] * 0.75, 3)
+    out = tmp_path / "plan.yaml"
+    done = CliRunner().invoke(main, _args(demo, "--method", method, "--target-ms", str(target), "--trials", "25",
+                                          "--verify-top", "0", "--out", str(out), "--json"))  # fmt: skip
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output)
+    plan = sp.PruningPlan.load(out)
+    assert plan.method == method and summary["scored_by"] == "evit" and min(plan.keep) < 1.0
+    assert plan.package_token == (method == "spvit")
+    latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), build_model(MODEL), MODEL,
+                                     root=demo["tables"])  # fmt: skip
+    assert latency.predict(plan).total_ms <= target  # the method's own latency (with its selector MLPs)
+    # the reported accuracy is EViT's at the same ratios (fused token for spvit, dropped for hard)
+    model = build_model(MODEL, demo["checkpoint"]).eval()
+    images, labels = calibration_tensors("demo", 200, model)
+    proxy = plan.replace(method="evit", package_token=method == "spvit")
+    assert PlanEvaluator(model, images, labels, 0).evaluate(proxy) == pytest.approx(summary["accuracy"])
+
+
 def test_optimize_merges_tokens_with_tome_on_a_plain_checkpoint(tmp_path, demo):
     runner = CliRunner()
     target = round(demo["dense_ms"] * 0.8, 3)
@@ -96,8 +121,9 @@ def test_infeasible_target_and_unknown_device_are_refused(demo):
     assert nodev.exit_code == 2 and "unknown device 'phone'" in nodev.output
     noshare = runner.invoke(main, _args(demo, "--target-ms", str(demo["dense_ms"]), "--workers", "2"))
     assert noshare.exit_code == 2 and "--workers needs a shared --storage" in noshare.output
-    nosel = runner.invoke(main, _args(demo, "--target-ms", str(demo["dense_ms"]), "--method", "spvit"))
-    assert nosel.exit_code == 2 and "give a fine-tuned --checkpoint" in nosel.output
+    noweights = runner.invoke(main, ["optimize", "--model", MODEL, "--tables", str(demo["tables"]), "--target-ms",
+                                     str(demo["dense_ms"]), "--method", "spvit"])  # fmt: skip
+    assert noweights.exit_code == 2 and "needs a --checkpoint" in noweights.output
 
 
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

@@ -39,6 +39,8 @@ from ._common import (
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--multi-objective", is_flag=True, help="accuracy vs latency Pareto front")
+@click.option("--proxy", type=click.Choice(["evit", "tome"]), default="evit", show_default=True,
+              help="training-free scorer that places a learned method (spvit, hard) on a plain checkpoint")  # fmt: skip
 @click.option(
     "--verify-top", type=int, default=3, show_default=True, help="candidates measured on the device (0: none)"
 )
@@ -53,7 +55,8 @@ from ._common import (
 @user_errors
 def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_images, objective, methods, locations,
              search_locations, stages, trials, min_keep_factor, step, storage, study_name, workers, sampler, seed,
-             multi_objective, verify_top, threads, tables, out, plot_file, as_json, worker, devices_file):  # fmt: skip
+             multi_objective, proxy, verify_top, threads, tables, out, plot_file, as_json, worker,
+             devices_file):  # fmt: skip
     """Search keep ratios that meet --target-ms on DEVICE with the best accuracy; write plan.yaml."""
     from pathlib import Path
 
@@ -70,7 +73,7 @@ def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_im
         methods=chosen, locations=parse_list(locations, int, "--locations"), search_locations=search_locations,
         stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
         workers=workers, sampler=sampler, seed=None if worker else seed, multi_objective=multi_objective,
-        verify_top=verify_top, tables=tables, progress=not as_json,
+        proxy=proxy, verify_top=verify_top, tables=tables, progress=not as_json,
     )  # fmt: skip
     if worker:
         run_study(model_name, device, settings, worker_only=True)
@@ -84,7 +87,7 @@ def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_im
         "plan_file": str(out), "plot": str(png), "plan": plan.to_dict(), "accuracy": result.accuracy,
         "target_ms": target_ms, "predicted_ms": result.predicted_ms, "measured_ms": result.measured_ms,
         "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
-        "candidates": result.candidates,
+        "candidates": result.candidates, "scored_by": result.proxy or plan.method,
     }  # fmt: skip
     if multi_objective:
         summary["pareto_front"] = [
@@ -99,6 +102,9 @@ def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_im
     measured = "not measured" if result.measured_ms is None else f"measured {result.measured_ms:.3f} ms"
     click.echo(f"{out}: {model_name} {plan.method} keep={list(plan.keep)} at {list(plan.locations)}, "
                f"calibration top-1 {result.accuracy:.2f}%")  # fmt: skip
+    if result.proxy:
+        click.echo(f"  placed with {result.proxy}'s training-free scores (the checkpoint has no trained selectors); "
+                   f"fine-tune {plan.method} at this plan: spvit-search finetune --plan {out}")  # fmt: skip
     click.echo(f"  target {target_ms:g} ms | predicted {result.predicted_ms:.3f} ms | {measured} "
                f"on {device.name} ({device.runtime}, {device.threads} thread(s)); fastest possible "
                f"{result.fastest_ms:.3f} ms")  # fmt: skip
@@ -151,3 +157,56 @@ def demo(device_name, out, target_ratio, target_ms, dense_epochs, finetune_epoch
                f"top-1 {p['onnx_same_top1']}")  # fmt: skip
     click.echo(f"done in {s['seconds']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["steps_seconds"].items()))
     click.echo(f"files: {s['files']['plan']}, {s['files']['onnx']}, plots {', '.join(s['files']['plots'])}")
+
+
+@main.command()
+@click.option("--device", "device_name", default="local", show_default=True)
+@click.option("--model", "model_name", required=True, help="timm model name (a flat ViT)")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="the dense teacher's weights")
+@click.option("--target-ms", type=float, default=None, help="latency budget: the deepest model measured within it")
+@click.option("--depth", type=int, default=None, help="take this many blocks instead (no measurement of others)")
+@click.option("--threads", type=int, default=None)
+@click.option("--rounds", type=int, default=8, show_default=True)
+@click.option("--runs", type=int, default=10, show_default=True)
+@click.option("--out", default="runs/shrink/model.pt", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@devices_option
+@user_errors
+def shrink(device_name, model_name, checkpoint, target_ms, depth, threads, rounds, runs, out, as_json, devices_file):
+    """The smaller-dense baseline: the teacher with fewer blocks, the deepest one measured within --target-ms.
+
+    Writes the shallower model initialised from the teacher's blocks; distil it with
+    `spvit-search train --checkpoint OUT --teacher CHECKPOINT`.
+    """
+    from pathlib import Path
+
+    from profilers import MeasureSettings
+
+    from ..smaller import measure_depths, pick_depth, save_shallower, shallower
+
+    if (target_ms is None) == (depth is None):
+        raise click.UsageError("give --target-ms (measure every depth, take the deepest that fits) or --depth")
+    device = device_for(devices_file, device_name, threads)
+    candidates = []
+    if depth is None:
+        candidates = measure_depths(device, model_name, checkpoint, MeasureSettings(rounds=rounds, runs=runs))
+        depth = pick_depth(candidates, target_ms).depth
+    model, blocks = shallower(model_name, checkpoint, depth)
+    path = save_shallower(model, out)
+    summary = {"checkpoint": str(path), "model": model_name, "teacher": str(checkpoint), "depth": depth,
+               "blocks": list(blocks), "target_ms": target_ms, "device": device.name,
+               "candidates": [c.as_dict() for c in candidates]}  # fmt: skip
+    Path(path).with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if candidates:
+        click.echo(f"measured on {device.name} ({device.runtime}, {device.threads} thread(s)), target {target_ms:g} ms")
+        click.echo("  depth  blocks                 GMACs   measured ms")
+        for c in candidates:
+            mark = "  <- chosen" if c.depth == depth else ("  over target" if c.measured_ms > target_ms else "")
+            click.echo(f"  {c.depth:5d}  {list(c.blocks)!s:20} {c.gmacs:7.4f}  {c.measured_ms:10.3f}{mark}")
+    click.echo(
+        f"{path}: {model_name} with {depth} blocks (teacher's {list(blocks)}); distil it with\n"
+        f"  spvit-search train --model {model_name} --checkpoint {path} --teacher {checkpoint}"
+    )

@@ -21,10 +21,14 @@ from ._common import (
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--warmup-epochs", type=float, default=3.0, show_default=True)
+@click.option("--teacher", default=None, type=click.Path(dir_okay=False),
+              help="distil from these weights of --model (e.g. a shallower model from `shrink`)")  # fmt: skip
+@click.option("--distill-weight", type=float, default=0.5, show_default=True, help="logits KL to the teacher")
+@click.option("--token-weight", type=float, default=0.5, show_default=True, help="MSE on the patch tokens")
 @train_options
 @user_errors
-def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, train_subset, batch_size, weight_decay,
-          augment, resume, seed, workers, torch_device):  # fmt: skip
+def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, distill_weight, token_weight, data,
+          train_subset, batch_size, weight_decay, augment, resume, seed, workers, torch_device):  # fmt: skip
     """Train a dense model (the demo's model and teacher by default) from scratch or a checkpoint."""
     import torch
 
@@ -34,10 +38,12 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, data, train_su
 
     torch.manual_seed(seed)  # the same initial weights in every process and every rerun
     model = build_model(model_name, checkpoint, num_classes=num_classes(data))
+    teacher_model = None if teacher is None else build_model(model_name, teacher, num_classes=num_classes(data))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, augment=augment, train_subset=train_subset, seed=seed,
+                      distill_weight=distill_weight, token_distill_weight=token_weight,
                       workers=workers, device=torch_device, resume=resume)  # fmt: skip
-    result = fit(model, data, cfg, out, model_name=model_name)
+    result = fit(model, data, cfg, out, model_name=model_name, teacher=teacher_model)
     final_test(model, data, result)
 
 
