@@ -42,14 +42,20 @@ class Calibration:
 
 
 def fit_calibration(predicted: list[float], measured: list[float]) -> Calibration:
-    """Scale and offset with 3+ points; a scale alone with 1–2 (an offset would fit noise)."""
+    """Scale and offset with 3+ points; a scale alone with 1–2 (an offset would fit noise).
+
+    A line that does not rise (measured time falling as the model grows: seen when the points
+    were measured while other work loaded the cores) or that predicts a negative time anywhere
+    in the measured range says nothing about the device, so the scale alone is fitted instead.
+    """
     p, m = np.asarray(predicted, float), np.asarray(measured, float)
     if len(p) == 0:
         return Calibration()
-    if len(p) < 3 or np.ptp(p) < 1e-9:
-        return Calibration(scale=float(np.median(m / p)), points=len(p))
-    scale, offset = np.polyfit(p, m, 1)
-    return Calibration(scale=float(scale), offset_ms=float(offset), points=len(p))
+    if len(p) >= 3 and np.ptp(p) >= 1e-9:
+        scale, offset = np.polyfit(p, m, 1)
+        if scale > 0 and scale * p.min() + offset > 0:
+            return Calibration(scale=float(scale), offset_ms=float(offset), points=len(p))
+    return Calibration(scale=float(np.median(m / p)), points=len(p))
 
 
 @dataclass(frozen=True)

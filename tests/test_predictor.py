@@ -142,6 +142,9 @@ def test_merging_tables(tmp_path, model):
 
 def test_calibration_is_fitted_stored_and_reported(tmp_path, model):
     assert fit_calibration([10.0], [11.0]).scale == pytest.approx(1.1)
+    # a falling line (points measured under load) is not a device's behaviour: the scale alone
+    noisy = fit_calibration([2.0, 3.0, 4.0], [6.0, 5.5, 5.0])
+    assert noisy.scale == pytest.approx(5.5 / 3.0) and noisy.offset_ms == 0.0
     cal = fit_calibration([10.0, 20.0, 40.0], [12.0, 22.0, 42.0])
     assert cal.scale == pytest.approx(1.0) and cal.offset_ms == pytest.approx(2.0) and cal.points == 3
     path = _synthetic_table(tmp_path, model)
