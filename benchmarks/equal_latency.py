@@ -1,0 +1,399 @@
+"""Accuracy at equal *measured* latency on a device: every contender under the same three budgets.
+
+On Fashion-MNIST with the shipped dense teacher (``benchmarks/checkpoints/vit_demo_fashion.pt``):
+
+1. tables: the device's latency table of ``vit_demo_fashion`` (every method's parts), calibrated;
+   the dense model is measured and the targets are shares of it (``--targets``, default
+   55/70/85%; fixed at the first run and kept in the results, so a resumed run aims the same);
+2. plans: ``optimize`` for each method and target (``evit`` and ``tome`` scored by themselves,
+   ``spvit`` and ``hard`` placed by the EViT proxy with their own latency; every plan's best
+   candidates measured on the device), and ``shrink`` for the smaller dense model (every depth
+   measured, the deepest within the target);
+3. training, the same budget for every contender and seed (``--epochs`` on ``--finetune-subset``
+   images, the teacher's logits and tokens distilled): ``finetune`` for evit, tome, hard, spvit
+   and spvit with the latency-aware loss (target 90% of its plan's prediction: with exact token
+   counts it can only shape the selector's scores), ``train --teacher`` for the smaller model;
+4. every model exported to ONNX and measured end to end, all files interleaved in one session
+   with the dense model (nothing else runs meanwhile); top-1 on the test split.
+
+No choice is made on the test split: plans are ranked on the calibration split, models are the
+last epoch. Each cell is written as it finishes (``OUT/cells/…json`` and ``--results``); a rerun
+skips what is done. The same harness runs on any device of ``devices.yaml`` (``--device``).
+
+    python benchmarks/equal_latency.py [--device local] [--seeds 0,1,2] [--jobs 2] [--epochs 2]
+        [--finetune-subset 3000] [--trials 150] [--out runs/equal-latency]
+        [--results benchmarks/results/equal_latency.json] [--summary-only --markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from accuracy import SETTINGS as DATA_SETTINGS
+from accuracy import SHIPPED_TEACHERS, claim_run_dir, curve, log, run_cli, shipped_sha256
+
+import spvit_search as sp
+from spvit_search.data import build_dataset
+from spvit_search.devices import DeviceRegistry
+from spvit_search.models import build_model
+from spvit_search.train import evaluate
+
+MODEL, DATA = "vit_demo_fashion", "fashion"
+# contender -> (plan it uses, what it is); plan "depth" is the smaller dense model
+CONTENDERS = {
+    "smaller": ("depth", "dense with fewer blocks (the teacher's, evenly spaced), distilled"),
+    "evit-free": ("evit", "EViT training-free: class-attention top-k + fused token"),
+    "evit": ("evit", "EViT fine-tuned"),
+    "tome-free": ("tome", "ToMe training-free: bipartite merging, proportional attention"),
+    "tome": ("tome", "ToMe fine-tuned"),
+    "hard": ("hard", "learned selector, pruned tokens dropped (DynamicViT-like)"),
+    "spvit": ("spvit", "learned selector + package token (SPViT)"),
+    "spvit-latency": ("spvit", "spvit + latency-aware loss"),
+}
+
+
+# Epochs that train only the selectors before the backbone joins (finetune's default is 1). In a
+# 2-epoch budget that leaves the backbone one decaying epoch; on the calibration split (seed 0,
+# the 55% plan) spvit reached 77.00% with 0 against 74.50% with 1, so learned selectors start
+# together with the backbone here.
+SELECTOR_WARMUP = 0
+
+
+class Results:
+    """The results file: written after every cell (atomically), read back on a rerun."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+        self.data.setdefault("cells", {})
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = args.out
+        self.tables = self.out / "tables"
+        self.device = DeviceRegistry.load(args.devices).get(args.device)
+        self.results = Results(args.results)
+        self.teacher = SHIPPED_TEACHERS[DATA]
+        self.setting = {"epochs": args.epochs, "finetune_subset": args.finetune_subset, "trials": args.trials,
+                        "search_locations": True, "selector_warmup": SELECTOR_WARMUP, "device": args.device,
+                        "teacher_sha256": shipped_sha256(DATA_SETTINGS[DATA])}  # fmt: skip
+        if self.results.data.get("setting") not in (None, self.setting):
+            raise SystemExit(f"{args.results} holds a run with other settings {self.results.data['setting']}; "
+                             "give another --results (and --out)")  # fmt: skip
+        self.results.data["setting"] = self.setting
+        self._test = None
+        self._lock = threading.Lock()  # the pool's threads record cells into one results file
+
+    # -- 1. tables, dense latency, targets ----------------------------------------------------
+    def prepare(self) -> None:
+        from profilers import MeasureSettings
+        from spvit_search.measure import calibrate, measure_models
+        from spvit_search.profile import profile_model
+
+        methods = tuple(sorted({CONTENDERS[c][0] for c in self.args.contenders} - {"depth"}))
+        profile_model(self.device, MODEL, root=self.tables, methods=methods or ("evit",),
+                      rounds=self.args.profile_rounds, progress=False)  # fmt: skip
+        d = self.device
+        meta = self.tables / d.name / f"{d.runtime}-t{d.threads}-b{d.batch}.meta.json"
+        if MODEL not in json.loads(meta.read_text()).get("calibration", {}):
+            calibrate(self.device, MODEL, self.tables, 5, MeasureSettings(rounds=8, runs=5), str(self.teacher))
+        if "targets" not in self.results.data:
+            dense = build_model(MODEL, self.teacher).eval()
+            timing, _ = measure_models(self.device, {"dense": dense}, MeasureSettings(rounds=10, runs=10))
+            dense_ms = timing["dense"].median_ms
+            self.results.data["dense_ms_at_start"] = dense_ms
+            self.results.data["targets"] = {f"{r:g}": round(r * dense_ms, 4) for r in self.args.targets}
+            self.results.save()
+        log(f"targets (ms): {self.results.data['targets']}")
+
+    # -- 2. plans -----------------------------------------------------------------------------
+    def plans(self) -> None:
+        from profilers import MeasureSettings
+        from spvit_search.optimize import OptimizeSettings, optimize
+        from spvit_search.smaller import measure_depths, pick_depth, save_shallower, shallower
+
+        plans = self.results.data.setdefault("plans", {})
+        for ratio, target in self.results.data["targets"].items():
+            for method in sorted({CONTENDERS[c][0] for c in self.args.contenders} - {"depth"}):
+                key = f"{ratio}/{method}"
+                if key in plans:
+                    continue
+                # locations searched too: on a model this small a block's fixed cost is a large part
+                # of its time, so tight targets need pruning from the second block on
+                settings = OptimizeSettings(target_ms=target, checkpoint=str(self.teacher), data=DATA,
+                                            methods=(method,), search_locations=True, trials=self.args.trials,
+                                            tables=str(self.tables), progress=False)  # fmt: skip
+                path = self.plan_file(ratio, method)
+                started = time.perf_counter()
+                result = optimize(MODEL, self.device, settings, path)
+                plans[key] = {
+                    "plan": result.plan.to_dict(),
+                    "calib_top1": result.accuracy,
+                    "scored_by": result.proxy or method,
+                    "seconds": round(time.perf_counter() - started),
+                }
+                log(
+                    f"plan {key}: keep {list(result.plan.keep)} at {list(result.plan.locations)}, predicted "
+                    f"{result.predicted_ms:.3f} ms, measured {result.measured_ms:.3f} ms (target {target:g})"
+                )
+                self.results.save()
+        wanted = "smaller" in self.args.contenders
+        if wanted and not all(f"{r}/depth" in plans for r in self.results.data["targets"]):
+            depths = measure_depths(self.device, MODEL, self.teacher, MeasureSettings(rounds=8, runs=10))
+            self.results.data["depths"] = [c.as_dict() for c in depths]
+            for ratio, target in self.results.data["targets"].items():
+                chosen = pick_depth(depths, target)
+                model, blocks = shallower(MODEL, self.teacher, chosen.depth)
+                path = save_shallower(model, self.out / "plans" / ratio / "smaller.pt")
+                plans[f"{ratio}/depth"] = {"depth": chosen.depth, "blocks": list(blocks), "checkpoint": str(path),
+                                           "measured_ms": chosen.measured_ms}  # fmt: skip
+            self.results.save()
+
+    def write_plan_files(self) -> None:
+        """Every plan as the file its fine-tunes read (written once, before the pool starts)."""
+        for key, entry in self.results.data["plans"].items():
+            if "plan" in entry:
+                ratio, method = key.split("/")
+                self.plan_of(ratio, method).save(self.plan_file(ratio, method))
+
+    def plan_file(self, ratio: str, method: str) -> Path:
+        return self.out / "plans" / ratio / f"{method}.yaml"
+
+    def plan_of(self, ratio: str, method: str) -> sp.PruningPlan:
+        return sp.PruningPlan.from_dict(self.results.data["plans"][f"{ratio}/{method}"]["plan"])
+
+    # -- 3. training --------------------------------------------------------------------------
+    def key(self, ratio: str, seed: int | None, contender: str) -> str:
+        return f"{ratio}/{'shared' if seed is None else f'seed{seed}'}/{contender}"
+
+    def cell_args(self, ratio: str, seed: int, contender: str, out: Path) -> list[str]:
+        budget = ["--epochs", str(self.args.epochs), "--data", DATA, "--seed", str(seed), "--out", str(out),
+                  "--train-subset", str(self.args.finetune_subset)]  # fmt: skip
+        if contender == "smaller":
+            small = self.results.data["plans"][f"{ratio}/depth"]["checkpoint"]
+            return ["train", "--model", MODEL, "--checkpoint", small, "--teacher", str(self.teacher), "--lr", "2e-4",
+                    "--warmup-epochs", "1", *budget]  # fmt: skip
+        method = CONTENDERS[contender][0]
+        plan, plan_file = self.plan_of(ratio, method), self.plan_file(ratio, method)
+        extra = []
+        if contender == "spvit-latency":
+            extra = ["--latency-weight", "1.0", "--target-ms", str(round(0.9 * plan.predicted_ms, 4)), "--tables",
+                     str(self.tables), "--latency-device", self.device.name]  # fmt: skip
+        if plan.spec.learned_selector:  # chosen on the calibration split: see SELECTOR_WARMUP
+            extra += ["--selector-warmup", str(SELECTOR_WARMUP)]
+        return ["finetune", "--plan", str(plan_file), "--checkpoint", str(self.teacher), *budget, *extra]
+
+    def train_cell(self, ratio: str, seed: int, contender: str, threads: int) -> None:
+        key = self.key(ratio, seed, contender)
+        if key in self.results.data["cells"]:
+            return
+        out = self.out / "runs" / key
+        args = self.cell_args(ratio, seed, contender, out)
+        claim_run_dir(out, {"args": args, "setting": self.setting})
+        seconds = run_cli(args, threads, out.with_suffix(".log"))
+        self.record(
+            key, ratio, contender, out / "model.pt", {"seconds": round(seconds, 1), **curve(out / "metrics.csv")}
+        )
+
+    def record(self, key: str, ratio: str, contender: str, checkpoint: Path, extra: dict) -> None:
+        model, plan = self.model_of(ratio, contender, checkpoint)
+        with self._lock:
+            if self._test is None:
+                self._test = build_dataset(DATA, "test", model)
+        top1 = evaluate(model, self._test, torch.device("cpu"))[0]
+        cell = {"contender": contender, "ratio": ratio, "checkpoint": str(checkpoint), "test_top1": top1,
+                "gmacs": sp.count_flops(model).gmacs, "plan": None if plan is None else plan.to_dict(),
+                "predicted_ms": self.predicted(model, plan), **extra}  # fmt: skip
+        with self._lock:
+            self.results.data["cells"][key] = cell
+            self.results.save()
+        log(f"{key}: test top-1 {top1:.2f}%")
+
+    def model_of(self, ratio: str, contender: str, checkpoint: Path):
+        method = CONTENDERS[contender][0]
+        if method == "depth":
+            return build_model(MODEL, checkpoint).eval(), None
+        plan = self.plan_of(ratio, method)
+        return build_model(MODEL, checkpoint, plan).eval(), plan
+
+    def predicted(self, model: torch.nn.Module, plan: sp.PruningPlan | None) -> float:
+        from spvit_search.predictor import PlanLatency
+
+        methods = () if plan is None else (plan.method,)
+        shape = build_model(MODEL, None) if plan is not None else model
+        latency = PlanLatency.for_device(self.device, shape, MODEL, root=self.tables, methods=methods)
+        dense = sp.PruningPlan(locations=(len(shape.blocks) - 1,), keep=(1.0,), model=MODEL)
+        return round(latency.predict(plan or dense).total_ms, 4)
+
+    # -- 4. measurement -----------------------------------------------------------------------
+    def measure(self) -> None:
+        """Export every cell and the dense model; measure all files interleaved, in one session."""
+        from profilers import MeasureSettings
+        from spvit_search.export import export_onnx
+        from spvit_search.measure import measure_models
+
+        cells = self.results.data["cells"]
+        files = {"dense": export_onnx(build_model(MODEL, self.teacher).eval(), self.out / "onnx" / "dense.onnx")}
+        for key, cell in cells.items():
+            model, _ = self.model_of(cell["ratio"], cell["contender"], Path(cell["checkpoint"]))
+            files[key] = export_onnx(model, self.out / "onnx" / (key.replace("/", "_") + ".onnx"))
+        log(f"measuring {len(files)} ONNX files interleaved on {self.device.name}")
+        timings, version = measure_models(self.device, files, MeasureSettings(rounds=self.args.rounds, runs=10))
+        for key, cell in cells.items():
+            cell["measured_ms"] = round(timings[key].median_ms, 4)
+        self.results.data["measurement"] = {"dense_ms": round(timings["dense"].median_ms, 4), "runtime": version,
+                                            "files": len(files), "at": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+        self.results.save()
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        self.prepare()
+        self.plans()
+        for ratio in self.results.data["targets"]:
+            for contender in [c for c in self.args.contenders if c.endswith("-free")]:
+                key = self.key(ratio, None, contender)
+                if key not in self.results.data["cells"]:
+                    self.record(key, ratio, contender, self.teacher, {})
+        self.write_plan_files()
+        tasks = [(r, s, c) for s in self.args.seeds for r in self.results.data["targets"]
+                 for c in self.args.contenders if not c.endswith("-free")]  # fmt: skip
+        threads = self.args.threads or max(1, (os.cpu_count() or 2) // self.args.jobs)
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            for future in [pool.submit(self.train_cell, r, s, c, threads) for r, s, c in tasks]:
+                future.result()
+        self.measure()
+        self.results.data["last_run_seconds"] = round(time.perf_counter() - started)
+        self.results.save()
+
+
+def summarise(data: dict, seeds: list[int]) -> list[dict]:
+    """Mean ± sd over seeds per (target, contender); latency as a share of the dense model's."""
+    dense_ms = data.get("measurement", {}).get("dense_ms")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for key, cell in data["cells"].items():
+        ratio, seed, contender = key.split("/")
+        if seed == "shared" or int(seed.removeprefix("seed")) in seeds:
+            groups.setdefault((ratio, contender), []).append(cell)
+    rows = []
+    for (ratio, contender), cells in sorted(groups.items(), key=lambda g: (g[0][0], list(CONTENDERS).index(g[0][1]))):
+        top1 = [c["test_top1"] for c in cells]
+        measured = [c["measured_ms"] for c in cells if c.get("measured_ms") is not None]
+        rows.append({
+            "target": ratio, "target_ms": data["targets"][ratio], "contender": contender, "n": len(cells),
+            "top1_mean": round(statistics.mean(top1), 2),
+            "top1_sd": round(statistics.stdev(top1), 2) if len(top1) > 1 else None,
+            "measured_ms": round(statistics.median(measured), 3) if measured else None,
+            "measured_share": round(statistics.median(measured) / dense_ms, 3) if measured and dense_ms else None,
+            "predicted_ms": round(statistics.mean(c["predicted_ms"] for c in cells), 3),
+            "gmacs": round(statistics.mean(c["gmacs"] for c in cells), 4),
+            "plan": cells[0]["plan"],
+        })  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict], data: dict, markdown: bool) -> None:
+    m = data.get("measurement", {})
+    print(f"dense {MODEL}: measured {m.get('dense_ms')} ms ({m.get('runtime')}, {m.get('at')})")
+    head = "| target | contender | seeds | test top-1 | measured ms (× dense) | predicted ms | GMACs | plan |"
+    if markdown:
+        print(head + "\n|---|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        sd = f" ± {r['top1_sd']:.2f}" if r["top1_sd"] is not None else ""
+        share = f" ({r['measured_share']:.2f})" if r["measured_share"] else ""
+        ms = f"{r['measured_ms']:.3f}{share}" if r["measured_ms"] else "—"
+        plan = r["plan"]
+        what = f"keep {plan['keep']} at {plan['locations']}" if plan else "fewer blocks"
+        cols = (f"{float(r['target']):.0%} ({r['target_ms']:.3f} ms)", r["contender"], str(r["n"]),
+                f"{r['top1_mean']:.2f}%{sd}", ms, f"{r['predicted_ms']:.3f}", f"{r['gmacs']:.4f}", what)  # fmt: skip
+        print("| " + " | ".join(cols) + " |" if markdown else "  ".join(f"{c:>14}" for c in cols))
+
+
+def plot(rows: list[dict], data: dict, path: Path) -> Path | None:
+    """Test top-1 vs measured latency, one line per contender over the three targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense_ms = data.get("measurement", {}).get("dense_ms")
+    if not dense_ms:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, contender in enumerate(CONTENDERS):
+        pts = sorted((r["measured_ms"], r["top1_mean"], r["top1_sd"] or 0.0) for r in rows
+                     if r["contender"] == contender and r["measured_ms"])  # fmt: skip
+        if pts:
+            style = "--" if contender.endswith("-free") else "-"
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], ls=style, marker="o",
+                        ms=4, capsize=3, color=plt.get_cmap("tab10")(i), label=contender)  # fmt: skip
+    dense = data.get("dense_top1")
+    if dense is not None:
+        ax.scatter([dense_ms], [dense], marker="*", s=150, color="k", zorder=5, label="dense teacher")
+    for target in data["targets"].values():
+        ax.axvline(target * dense_ms / data["dense_ms_at_start"], color="0.8", lw=0.8, ls=":", zorder=0)
+    ax.set(xlabel=f"measured latency on {data['setting']['device']}, ms (ONNX, end to end)",
+           ylabel="Fashion-MNIST test top-1 (%)", title="equal measured latency (dotted: the targets, rescaled "
+           "to this session's dense)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="local")
+    ap.add_argument("--devices", default=None, help="devices.yaml (default: the project's)")
+    ap.add_argument("--targets", default="0.55,0.7,0.85", type=lambda s: [float(v) for v in s.split(",")])
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--finetune-subset", type=int, default=3000)
+    ap.add_argument("--trials", type=int, default=150)
+    ap.add_argument("--rounds", type=int, default=8, help="measurement rounds (all files interleaved in each)")
+    ap.add_argument("--profile-rounds", type=int, default=10, help="rounds of the latency table's profiling")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), type=lambda s: s.split(","),
+                    help=f"a subset of {','.join(CONTENDERS)}")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=Path("runs/equal-latency"))
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "equal_latency.json")
+    ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.contenders if c not in CONTENDERS]
+    if unknown:
+        ap.error(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
+    harness = Harness(args)
+    if not args.summary_only:
+        harness.run()
+    data = harness.results.data
+    if "dense_top1" not in data:
+        dense = build_model(MODEL, harness.teacher).eval()
+        data["dense_top1"] = evaluate(dense, build_dataset(DATA, "test", dense), torch.device("cpu"))[0]
+    data["summary"] = summarise(data, args.seeds)
+    harness.results.save()
+    plot(data["summary"], data, args.results.with_suffix(".png"))
+    print_table(data["summary"], data, args.markdown)
+    return data
+
+
+if __name__ == "__main__":
+    main()

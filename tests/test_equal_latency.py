@@ -1,0 +1,58 @@
+"""benchmarks/equal_latency.py end to end on small data: plans, training, export, measurement, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "equal_latency.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=1500)
+
+
+def test_harness_measures_every_contender_and_resumes(tmp_path):
+    args = ["--seeds", "0", "--targets", "0.8", "--epochs", "1", "--finetune-subset", "128", "--trials", "16",
+            "--contenders", "evit-free,smaller,hard", "--rounds", "3", "--profile-rounds", "3", "--jobs", "1",
+            "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results.json")]  # fmt: skip
+    first = _run(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    target = data["targets"]["0.8"]
+    assert set(data["cells"]) == {"0.8/shared/evit-free", "0.8/seed0/smaller", "0.8/seed0/hard"}
+    dense_ms = data["measurement"]["dense_ms"]
+    for key, cell in data["cells"].items():
+        assert cell["measured_ms"] > 0 and cell["predicted_ms"] > 0 and 0 < cell["test_top1"] <= 100, key
+        assert cell["gmacs"] < 0.041  # every contender does less work than the dense model (0.0409 GMACs)
+        assert Path(cell["checkpoint"]).exists()
+    # the plans were chosen under the target: predicted by the table and measured by optimize/shrink
+    for key, entry in data["plans"].items():
+        measured = entry["measured_ms"] if "depth" in entry else entry["plan"]["measured_ms"]
+        assert measured <= target, key
+    assert data["plans"]["0.8/hard"]["scored_by"] == "evit" and data["plans"]["0.8/depth"]["depth"] < 6
+    assert (
+        data["cells"]["0.8/seed0/smaller"]["plan"] is None
+        and data["cells"]["0.8/seed0/hard"]["plan"]["method"] == "hard"
+    )
+    assert {r["contender"] for r in data["summary"]} == {"evit-free", "smaller", "hard"}
+    for row in data["summary"]:
+        assert abs(row["measured_share"] - row["measured_ms"] / dense_ms) < 0.01, row
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    # a rerun trains nothing again (same checkpoints, same scores) and measures again
+    again = _run(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((tmp_path / "results.json").read_text())
+    for key, cell in data["cells"].items():
+        assert rerun["cells"][key]["test_top1"] == cell["test_top1"]
+        assert rerun["cells"][key].get("seconds") == cell.get("seconds")
+    assert "$ spvit-search" not in again.stderr  # no command was run
+    table = _run(*args, "--summary-only", "--markdown")
+    assert table.returncode == 0 and "| 80% (" in table.stdout and "| hard | 1 |" in table.stdout
+    # other settings on the same results file, or an unknown contender, are refused
+    other = _run(*[a if a != "128" else "256" for a in args])
+    assert other.returncode != 0 and "holds a run with other settings" in other.stderr
+    bad = _run("--contenders", "evit,magic", "--summary-only")
+    assert bad.returncode == 2 and "unknown contender(s) ['magic']" in bad.stderr
