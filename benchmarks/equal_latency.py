@@ -44,6 +44,7 @@ import spvit_search as sp
 from spvit_search.data import build_dataset
 from spvit_search.devices import DeviceRegistry
 from spvit_search.models import build_model
+from spvit_search.plan import PROFILED_BY_DEFAULT
 from spvit_search.train import evaluate
 
 MODEL, DATA = "vit_demo_fashion", "fashion"
@@ -106,8 +107,10 @@ class Harness:
         from spvit_search.measure import calibrate, measure_models
         from spvit_search.profile import profile_model
 
-        methods = tuple(sorted({CONTENDERS[c][0] for c in self.args.contenders} - {"depth"}))
-        profile_model(self.device, MODEL, root=self.tables, methods=methods or ("evit",),
+        # the calibration measures plans of the default methods: their parts are always profiled
+        wanted = {CONTENDERS[c][0] for c in self.args.contenders} - {"depth"}
+        methods = tuple(sorted(wanted | set(PROFILED_BY_DEFAULT)))
+        profile_model(self.device, MODEL, root=self.tables, methods=methods,
                       rounds=self.args.profile_rounds, progress=False)  # fmt: skip
         d = self.device
         meta = self.tables / d.name / f"{d.runtime}-t{d.threads}-b{d.batch}.meta.json"
@@ -176,7 +179,9 @@ class Harness:
         return self.out / "plans" / ratio / f"{method}.yaml"
 
     def plan_of(self, ratio: str, method: str) -> sp.PruningPlan:
-        return sp.PruningPlan.from_dict(self.results.data["plans"][f"{ratio}/{method}"]["plan"])
+        """The plan as models are built with it: stages that keep what the one before kept do
+        nothing, and ``finetune`` trains no selector there (its checkpoint has none)."""
+        return sp.PruningPlan.from_dict(self.results.data["plans"][f"{ratio}/{method}"]["plan"]).without_idle_stages()
 
     # -- 3. training --------------------------------------------------------------------------
     def key(self, ratio: str, seed: int | None, contender: str) -> str:
