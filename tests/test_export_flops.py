@@ -50,9 +50,10 @@ def test_evit_flops_follow_the_plan_token_counts():
     c, tokens = 384, plan.tokens_per_block(model)
     blocks = sum(_block_macs(n, c) for n in tokens)
     # per stage: the class-token attention row over the previous block's tokens, and the
-    # fused (package) token: a weighted sum over the patches scored at that stage
+    # fused (package) token: a weighted sum over the patches pruned at that stage
     scored = [tokens[loc - 1] - 1 - i for i, loc in enumerate(plan.locations)]
-    extras = sum(tokens[loc - 1] * c + n * c for loc, n in zip(plan.locations, scored, strict=True))
+    kept = [tokens[loc] - 1 - (i + 1) for i, loc in enumerate(plan.locations)]
+    extras = sum(tokens[loc - 1] * c + (n - k) * c for loc, n, k in zip(plan.locations, scored, kept, strict=True))
     expected = blocks + extras + 196 * 768 * c + c * 1000
     assert sp.count_flops(model).macs == expected
 

@@ -12,6 +12,7 @@ from torch import nn
 import spvit_search as sp
 from spvit_search.losses import ratio_loss
 from spvit_search.plan import kept_count
+from spvit_search.pruning.selector import MultiHeadTokenSelector
 
 MODELS = {
     "deit_tiny": ("deit_tiny_patch16_224", {}),
@@ -248,3 +249,15 @@ def test_exact_training_straight_through_reorders_the_ranking():
     after = chosen()
     assert (after.sum(dim=1) == before.sum(dim=1)).all() and (after.sum(dim=1) == kept_count(0.5, 49)).all()
     assert (after != before).any()
+
+
+@pytest.mark.parametrize(("dim", "heads"), [(96, 3), (384, 6)])
+def test_selector_lean_inference_path_equals_its_forward(dim, heads):
+    """The stage reads ``keep_logp`` at inference; it must rank and weigh exactly as ``forward``."""
+    torch.manual_seed(0)
+    selector = MultiHeadTokenSelector(dim, heads).eval()
+    with torch.no_grad():
+        for p in selector.parameters():
+            p.normal_(0, 0.5)
+        x = 3 * torch.randn(4, 50, dim)
+        assert (selector(x)[..., 1] - selector.keep_logp(x)).abs().max().item() < 1e-5

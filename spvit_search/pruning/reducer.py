@@ -75,18 +75,21 @@ class TokenReducer(nn.Module):
         if k >= n:
             return x
         patches = x[:, p : p + n]
-        keep_logp = self.scorer(patches)[..., 1]  # (B, n)
+        keep_logp = _keep_logp(self.scorer, patches)  # (B, n)
         # Kept tokens come in score order: blocks are permutation-equivariant after the position
         # embedding, and LiteRT has no kernel for sorting them back into image order.
-        idx = keep_logp.topk(k, dim=1, sorted=True).indices
-        kept = gather_tokens(patches, idx)
-        parts = [x[:, :p], kept, x[:, p + n :]]
-        if self.package_token:
-            pruned = torch.ones_like(keep_logp).scatter(1, idx, 0.0)
-            package, _ = fold_package(patches, keep_logp, pruned)
-            parts.append(package)
-            state.num_packages += 1
-        return torch.cat(parts, dim=1)
+        if not self.package_token:
+            kept = gather_tokens(patches, keep_logp.topk(k, dim=1, sorted=True).indices)
+            return torch.cat([x[:, :p], kept, x[:, p + n :]], dim=1)
+        # With a package: rank all n tokens once; the first k are kept, the rest (n > k of them,
+        # so never none) are the package's members, weighted by softmax of their keep scores —
+        # fold_package's definition, in a handful of graph nodes instead of a scatter and masks
+        # (on small models each node's fixed cost is a large part of a stage's time).
+        scores, order = keep_logp.topk(n, dim=1, sorted=True)
+        ranked = gather_tokens(patches, order)
+        package = torch.softmax(scores[:, k:], dim=1).unsqueeze(1) @ ranked[:, k:]
+        state.num_packages += 1
+        return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], package], dim=1)
 
     def _mask(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
         p, n = state.num_prefix, state.num_patches
@@ -113,6 +116,12 @@ class TokenReducer(nn.Module):
         state.expected_fraction.append((prev.detach() * keep_prob).sum(dim=1) / n)
         state.targets.append(self.keep)
         return x
+
+
+def _keep_logp(scorer: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """The keep log-probabilities (B, n): a scorer's lean inference path where it has one."""
+    lean = getattr(scorer, "keep_logp", None)
+    return lean(patches) if lean is not None else scorer(patches)[..., 1]
 
 
 def exact_top_k(keep_logp: torch.Tensor, previous: torch.Tensor, k: int) -> torch.Tensor:

@@ -74,6 +74,29 @@ class MultiHeadTokenSelector(nn.Module):
         head_logw = F.log_softmax(self.head_weights(normed.reshape(b, n, c)), dim=-1)  # (B, n, H)
         return torch.logsumexp(head_logp + head_logw[..., None], dim=2)
 
+    def keep_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)[..., 1]`` at inference (every token counts), in about half the graph.
+
+        On small models a stage's cost is mostly per-node overhead, paid on the device at every
+        stage (on vit_demo_fashion at 65 tokens, ORT CPU: 0.20 → 0.17 ms). Same values: the
+        first layer's weight is split into its local and global columns, so the global half is
+        projected once per image instead of being expanded to every token and concatenated;
+        only the keep channel of each head is computed (``log σ(l_keep − l_drop)`` equals the
+        head's log-softmax keep entry).
+        """
+        b, n, c = x.shape
+        normed = self.in_norm(x.reshape(b, n, self.num_heads, c // self.num_heads))
+        local, glob = self.in_proj(normed).chunk(2, dim=-1)
+        first, last = self.out[0], self.out[-1]
+        half = local.shape[-1]
+        glob = F.linear(glob.mean(dim=1, keepdim=True), first.weight[:, half:], first.bias)  # once per image
+        h = F.linear(local, first.weight[:, :half]) + glob
+        for layer in self.out[1:-1]:
+            h = layer(h)
+        margin = F.linear(h, last.weight[1:] - last.weight[:1], last.bias[1:] - last.bias[:1])[..., 0]  # (B, n, H)
+        head_logw = F.log_softmax(self.head_weights(normed.reshape(b, n, c)), dim=-1)
+        return torch.logsumexp(head_logw - F.softplus(-margin), dim=2)
+
 
 class PreviousQkv(nn.Module):
     """Keeps the ``qkv`` projection the previous block's attention computed, for a stage to read.
@@ -120,6 +143,15 @@ class ClsAttentionScorer(PreviousQkv):
         self.num_prefix = num_prefix
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        a = self._class_attention(x)
+        return torch.stack([torch.log1p(-a), torch.log(a)], dim=-1)
+
+    def keep_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)[..., 1]``: only the keep channel, which is all a stage reads at inference."""
+        return torch.log(self._class_attention(x))
+
+    def _class_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Class-token attention to each of the ``n`` patches of ``x``, clamped inside (0, 1)."""
         qkv, attn = self.take_qkv("EViT scorer"), self._attn
         b, n_all, _ = qkv.shape
         h, d = attn.num_heads, attn.head_dim
@@ -128,5 +160,4 @@ class ClsAttentionScorer(PreviousQkv):
         q, k = attn.q_norm(q), attn.k_norm(k)
         cls_attn = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N)
         n = x.shape[1]
-        a = cls_attn[:, self.num_prefix : self.num_prefix + n].clamp(1e-12, 1 - 1e-6)
-        return torch.stack([torch.log1p(-a), torch.log(a)], dim=-1)
+        return cls_attn[:, self.num_prefix : self.num_prefix + n].clamp(1e-12, 1 - 1e-6)
