@@ -48,7 +48,7 @@ COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 @dataclass
 class OptimizeSettings:
-    target_ms: float
+    target_ms: float | None
     checkpoint: str | None = None
     data: str = "demo"
     calib_images: int = 256
@@ -68,6 +68,11 @@ class OptimizeSettings:
     multi_objective: bool = False
     proxy: str = "evit"  # scores a learned method's plans on a plain checkpoint (no trained selectors)
     verify_top: int = 3
+    #: the budget as a share of the unpruned model instead of ``target_ms``: the search aims at
+    #: the share of its predicted latency, and each candidate is judged against the unpruned
+    #: model measured in the same interleaved session — a host whose speed drifts between the
+    #: two measurements (this one's does, by 10–25%) cannot turn a fitting plan into a miss
+    target_share: float | None = None
     tables: str = "latency_tables"
     progress: bool = True
 
@@ -145,6 +150,14 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     """Build everything and run the trials of this process; returns (study, latency, model, space, evaluator)."""
     model, trained, proxy = load_search_model(model_name, settings)
     latency = PlanLatency.for_device(device, model, model_name, root=settings.tables, methods=settings.methods)
+    if settings.target_share is not None:
+        if not 0.0 < settings.target_share < 1.0:
+            raise SearchError(f"target share {settings.target_share:g} must lie strictly between 0 and 1")
+        settings.target_ms = round(
+            settings.target_share * latency.predict(_unpruned_plan(latency, model_name)).total_ms, 4
+        )
+    elif settings.target_ms is None:
+        raise SearchError("give a target: target_ms, or target_share of the unpruned model")
     space = _space(settings, len(model.blocks), trained, proxy)
     fastest_ms, fastest = space.fastest(latency)
     if settings.target_ms < fastest_ms:
@@ -223,18 +236,41 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
         if not batch:
             break
         models = {f"c{t.number}": build_model(model_name, settings.checkpoint, plan).eval() for t, plan, _ in batch}
+        if settings.target_share is not None:
+            models["unpruned"] = _unpruned(model_name, settings, batch[0][1])
         timings, _ = measure_models(device, models, MeasureSettings(rounds=8, runs=5))
-        latency.add_calibration_points([(plan, timings[f"c{t.number}"].median_ms) for t, plan, _ in batch])
+        points = [(plan, timings[f"c{t.number}"].median_ms) for t, plan, _ in batch]
+        budget = settings.target_ms
+        if settings.target_share is not None:
+            points.append((_unpruned_plan(latency, model_name), timings["unpruned"].median_ms))
+            budget = settings.target_share * timings["unpruned"].median_ms
+        latency.add_calibration_points(points)
+        if settings.target_share is not None:  # the next ranking aims at the share of the refined prediction
+            settings.target_ms = round(
+                settings.target_share * latency.predict(_unpruned_plan(latency, model_name)).total_ms, 4
+            )
         for t, plan, predicted in batch:
             ms = timings[f"c{t.number}"].median_ms
             measured[t.user_attrs["plan_key"]] = {
                 "trial": t.number, "plan": plan, "accuracy": trial_accuracy(t), "predicted_ms": predicted,
-                "measured_ms": ms, "over_target": ms > settings.target_ms,
+                "measured_ms": ms, "over_target": ms > budget, "budget_ms": budget,
             }  # fmt: skip
         passing = [c for c in measured.values() if not c["over_target"]]
         if passing:
             return list(measured.values()), max(passing, key=lambda c: (c["accuracy"], c["measured_ms"]))
     return list(measured.values()), None
+
+
+def _unpruned_plan(latency: PlanLatency, model_name: str) -> PruningPlan:
+    return PruningPlan(locations=(latency.depth - 1,), keep=(1.0,), model=model_name)
+
+
+def _unpruned(model_name: str, settings: OptimizeSettings, plan: PruningPlan):
+    """The candidates' model with every stage keeping all tokens: the reference of a target share."""
+    state = read_state(settings.checkpoint) if settings.checkpoint else {}
+    if any(".token_selector." in k for k in state):  # trained selectors: load them, let them keep everything
+        return build_model(model_name, settings.checkpoint, plan.replace(keep=(1.0,) * len(plan.keep))).eval()
+    return build_model(model_name, settings.checkpoint).eval()
 
 
 def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, out: str | Path = "plan.yaml",
@@ -250,11 +286,14 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
         candidates, chosen = verify_on_device(study, latency, model_name, device, settings)
         if chosen is None:
             over = ", ".join(f"{c['measured_ms']:.2f}" for c in candidates)
+            budget = candidates[-1]["budget_ms"] if candidates else settings.target_ms
             raise SearchError(
-                f"every candidate measured over {settings.target_ms:g} ms on {device.name} ({over} ms) even after "
+                f"every candidate measured over {budget:g} ms on {device.name} ({over} ms) even after "
                 "recalibrating; the device is slower than its table: re-profile it, or relax the target"
             )
         plan, accuracy, measured = chosen["plan"], chosen["accuracy"], chosen["measured_ms"]
+        if settings.target_share is not None:  # the budget the chosen plan was judged against
+            settings.target_ms = round(chosen["budget_ms"], 4)
     else:
         candidates, (trial, plan, _) = [], ranked[0]
         accuracy, measured = trial_accuracy(trial), None
@@ -275,7 +314,8 @@ def _candidate_row(c: dict) -> dict:
     p = c["plan"]
     return {"trial": c["trial"], "method": p.method, "locations": list(p.locations), "keep": list(p.keep),
             "accuracy": round(c["accuracy"], 3), "predicted_ms": round(c["predicted_ms"], 3),
-            "measured_ms": round(c["measured_ms"], 3), "over_target": c["over_target"]}  # fmt: skip
+            "measured_ms": round(c["measured_ms"], 3), "budget_ms": round(c["budget_ms"], 3),
+            "over_target": c["over_target"]}  # fmt: skip
 
 
 def plot_trials(result: OptimizeResult, settings: OptimizeSettings, path: str | Path, title: str) -> Path:

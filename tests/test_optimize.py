@@ -69,6 +69,23 @@ def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
     assert len(meta["calibration"][MODEL]["points"]) > 3
 
 
+def test_a_target_share_is_judged_against_the_unpruned_model_measured_alongside(tmp_path, demo):
+    out = tmp_path / "plan.yaml"
+    args = _args(demo, "--target-share", "0.7", "--trials", "40", "--verify-top", "2", "--out", str(out), "--json")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary, plan = json.loads(result.output), sp.PruningPlan.load(out)
+    # each round's budget is 0.7 of the unpruned model measured in that round, not of the table
+    assert all(c["over_target"] == (c["measured_ms"] > c["budget_ms"]) for c in summary["candidates"])
+    chosen = [c for c in summary["candidates"] if c["keep"] == list(plan.keep) and not c["over_target"]]
+    assert chosen and plan.measured_ms <= plan.target_ms == summary["target_ms"]
+    assert 0.35 * demo["dense_ms"] < plan.target_ms < 1.4 * demo["dense_ms"]  # 0.7 of a measurement, not of 0
+    both = CliRunner().invoke(main, _args(demo, "--target-share", "0.7", "--target-ms", "9"))
+    assert both.exit_code == 2 and "one target" in both.output
+    whole = CliRunner().invoke(main, _args(demo, "--target-share", "1.5"))
+    assert whole.exit_code != 0 and "share 1.5" in whole.output
+
+
 @pytest.mark.parametrize("method", ["spvit", "hard"])
 def test_a_learned_method_on_a_plain_checkpoint_is_placed_by_the_evit_proxy(tmp_path, demo, method):
     """Before its fine-tune, spvit's budget is placed with EViT's scores but spvit's own latency."""

@@ -20,7 +20,10 @@ from ._common import (
 @main.command()
 @click.option("--device", "device_name", default="local", show_default=True)
 @click.option("--model", "model_name", required=True, help="timm model name")
-@click.option("--target-ms", type=float, required=True, help="latency budget on the device")
+@click.option("--target-ms", type=float, default=None, help="latency budget on the device")
+@click.option("--target-share", type=float, default=None,
+              help="budget as a share of the unpruned model, e.g. 0.7: judged against it measured in the same "
+                   "session as each candidate (robust to a device whose speed drifts)")  # fmt: skip
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="plain (evit) or fine-tuned weights")
 @click.option("--data", default="demo", show_default=True, help="calibration images: 'demo' or an ImageFolder root")
 @click.option("--calib-images", type=int, default=256, show_default=True)
@@ -53,16 +56,18 @@ from ._common import (
 @devices_option
 @click.pass_context
 @user_errors
-def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_images, objective, methods, locations,
-             search_locations, stages, trials, min_keep_factor, step, storage, study_name, workers, sampler, seed,
-             multi_objective, proxy, verify_top, threads, tables, out, plot_file, as_json, worker,
+def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, data, calib_images, objective, methods,
+             locations, search_locations, stages, trials, min_keep_factor, step, storage, study_name, workers, sampler,
+             seed, multi_objective, proxy, verify_top, threads, tables, out, plot_file, as_json, worker,
              devices_file):  # fmt: skip
-    """Search keep ratios that meet --target-ms on DEVICE with the best accuracy; write plan.yaml."""
+    """Search keep ratios that meet the target on DEVICE with the best accuracy; write plan.yaml."""
     from pathlib import Path
 
     from ..optimize import OptimizeSettings, plot_trials, run_study
     from ..optimize import optimize as run_optimize
 
+    if (target_ms is None) == (target_share is None):
+        raise click.UsageError("give one target: --target-ms (absolute) or --target-share (of the unpruned model)")
     chosen = parse_list(methods, str, "--method")
     unknown = [m for m in chosen if m not in __import__("spvit_search").METHODS]
     if unknown:
@@ -73,13 +78,14 @@ def optimize(ctx, device_name, model_name, target_ms, checkpoint, data, calib_im
         methods=chosen, locations=parse_list(locations, int, "--locations"), search_locations=search_locations,
         stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
         workers=workers, sampler=sampler, seed=None if worker else seed, multi_objective=multi_objective,
-        proxy=proxy, verify_top=verify_top, tables=tables, progress=not as_json,
+        proxy=proxy, verify_top=verify_top, target_share=target_share, tables=tables, progress=not as_json,
     )  # fmt: skip
     if worker:
         run_study(model_name, device, settings, worker_only=True)
         return
     argv = [a for a in sys.argv[1:] if a != "--worker"]
     result = run_optimize(model_name, device, settings, out, worker_argv=argv)
+    target_ms = settings.target_ms  # with --target-share: the budget the chosen plan was measured against
     png = plot_trials(result, settings, plot_file or Path(out).with_suffix(".png"),
                       f"{model_name} on {device.name}, target {target_ms:g} ms")  # fmt: skip
     plan = result.plan

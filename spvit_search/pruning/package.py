@@ -2,9 +2,11 @@
 
 Its single definition, used in training and at inference alike: the mean of the tokens pruned
 at this stage, weighted by their keep probabilities — tokens that were nearly kept contribute
-most. Membership (which tokens were pruned) is the discrete decision; the weights are a
-softmax of the members' keep log-probabilities, which is the same normalised weighting
-computed stably.
+most. ``fold_package`` computes it over a 0/1 membership mask (training, where the batch keeps
+one length); ``fold_ranked_tail`` computes the same from tokens already sorted by score
+(inference, where the stage has ranked them anyway). Membership (which tokens were pruned) is
+the discrete decision; the weights are a softmax of the members' keep log-probabilities, which
+is the same normalised weighting computed stably.
 
 Why membership carries no straight-through gradient: dividing by the sum of the pruned
 tokens' keep probabilities sends gradients of size p_kept / Σ p_pruned to every kept token,
@@ -31,3 +33,13 @@ def fold_package(
     logits = torch.where(any_member > 0, logits, torch.zeros_like(logits))  # no member: avoid an all -inf softmax
     weights = torch.softmax(logits, dim=1) * members * any_member
     return weights.unsqueeze(1) @ tokens, any_member
+
+
+def fold_ranked_tail(ranked: torch.Tensor, ranked_logp: torch.Tensor, k: int) -> torch.Tensor:
+    """The same package at inference, from tokens already sorted by keep score (B, n, C).
+
+    The first ``k`` are kept, so the members are exactly the tail (never empty: a stage only
+    acts when it prunes); their softmax weights need no mask. A handful of graph nodes instead
+    of a scatter and masks: on small models a stage's cost is mostly per-node overhead.
+    """
+    return torch.softmax(ranked_logp[:, k:], dim=1).unsqueeze(1) @ ranked[:, k:]

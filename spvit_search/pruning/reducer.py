@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..plan import kept_count
-from .package import fold_package
+from .package import fold_package, fold_ranked_tail
 from .state import PruneState
 
 
@@ -81,13 +81,10 @@ class TokenReducer(nn.Module):
         if not self.package_token:
             kept = gather_tokens(patches, keep_logp.topk(k, dim=1, sorted=True).indices)
             return torch.cat([x[:, :p], kept, x[:, p + n :]], dim=1)
-        # With a package: rank all n tokens once; the first k are kept, the rest (n > k of them,
-        # so never none) are the package's members, weighted by softmax of their keep scores —
-        # fold_package's definition, in a handful of graph nodes instead of a scatter and masks
-        # (on small models each node's fixed cost is a large part of a stage's time).
+        # with a package: rank all n tokens once; the first k are kept, the tail is folded
         scores, order = keep_logp.topk(n, dim=1, sorted=True)
         ranked = gather_tokens(patches, order)
-        package = torch.softmax(scores[:, k:], dim=1).unsqueeze(1) @ ranked[:, k:]
+        package = fold_ranked_tail(ranked, scores, k)
         state.num_packages += 1
         return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], package], dim=1)
 
