@@ -128,7 +128,7 @@ class Harness:
     # -- 2. plans -----------------------------------------------------------------------------
     def plans(self) -> None:
         from profilers import MeasureSettings
-        from spvit_search.optimize import OptimizeSettings, optimize
+        from spvit_search.optimize import OptimizeSettings
         from spvit_search.smaller import measure_depths, pick_depth, save_shallower, shallower
 
         plans = self.results.data.setdefault("plans", {})
@@ -147,7 +147,7 @@ class Harness:
                                             progress=False)  # fmt: skip
                 path = self.plan_file(ratio, method)
                 started = time.perf_counter()
-                result = optimize(MODEL, self.device, settings, path)
+                result = self.optimize_with_retries(settings, path, key)
                 plans[key] = {
                     "plan": result.plan.to_dict(),
                     "calib_top1": result.accuracy,
@@ -173,6 +173,23 @@ class Harness:
                 plans[f"{ratio}/depth"] = {"depth": chosen.depth, "blocks": list(blocks), "checkpoint": str(path),
                                            "measured_ms": chosen.measured_ms}  # fmt: skip
             self.results.save()
+
+    def optimize_with_retries(self, settings, path: Path, key: str, attempts: int = 3):
+        """``optimize``; when every measured candidate misses, search again: each attempt's measurements
+        refine the table's calibration, so the next study ranks the plans near the budget better."""
+        from dataclasses import replace
+
+        from spvit_search.optimize import optimize
+        from spvit_search.search import SearchError
+
+        for attempt in range(1, attempts):
+            try:
+                return optimize(MODEL, self.device, replace(settings), path)
+            except SearchError as error:
+                if "measured over" not in str(error):
+                    raise
+                log(f"plan {key}: attempt {attempt} missed on the device ({error}); searching again")
+        return optimize(MODEL, self.device, replace(settings), path)
 
     def write_plan_files(self) -> None:
         """Every plan as the file its fine-tunes read (written once, before the pool starts)."""
