@@ -34,14 +34,16 @@ from tqdm import tqdm
 
 from .data import build_dataset
 from .errors import SpvitError
-from .losses import distillation_kl, kept_token_mse, patch_token_mse, ratio_loss
+from .losses import SelectorHint, distillation_kl, kept_token_mse, patch_token_mse, ratio_loss
 from .plan import PruningPlan
 from .pruning import pruning_state
 from .records import append_csv_rows
 
 METRIC_FIELDS = (
-    "epoch", "lr", "loss", "task", "ratio", "distill", "tokens", "latency", "kept", "eval_acc", "eval_loss", "seconds",
+    "epoch", "lr", "loss", "task", "ratio", "distill", "tokens", "latency", "hint", "kept", "eval_acc", "eval_loss",
+    "seconds",
 )  # fmt: skip
+LOSS_TERMS = ("loss", "task", "ratio", "distill", "tokens", "latency", "hint")
 
 
 class TrainError(SpvitError):
@@ -64,6 +66,7 @@ class TrainConfig:
     token_distill_weight: float = 0.5
     distill_tau: float = 1.0
     latency_weight: float = 0.0
+    selector_hint_weight: float = 0.0  # learned selectors: the teacher's class-attention top-k as their target
     train_count: str = "exact"  # learned selectors in training: the plan's exact top-k, or "sampled" (Gumbel)
     augment: bool = True
     train_subset: int | None = None  # train on a fixed subset (the same for every seed) of this many images
@@ -233,7 +236,7 @@ def plot_curve(metrics: Path, png: Path, title: str) -> None:
         return
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in ("loss", "task", "ratio", "distill", "tokens", "latency"):
+    for key in LOSS_TERMS:
         values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
         if values and any(v != 0 for v in values):
             ax1.plot(epochs[: len(values)], values, label=key)
@@ -324,6 +327,14 @@ def fit(
     if learned:
         pruning_state(model).train_count = cfg.train_count
     unused = learned and any(k >= 1.0 for k in plan.keep)
+    hint = None
+    if learned and cfg.selector_hint_weight:
+        if teacher is None:
+            raise TrainError("the selector hint reads the teacher's class attention: give a teacher")
+        acting = [
+            loc for loc, k, before in zip(plan.locations, plan.keep, (1.0, *plan.keep), strict=False) if k < before
+        ]
+        hint = SelectorHint(teacher, tuple(acting), getattr(teacher, "num_prefix_tokens", 1))
     student: nn.Module = _WithFeatures(model)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -358,6 +369,8 @@ def fit(
                     t_features = teacher.forward_features(images)
                     t_logits = teacher.forward_head(t_features)
                 parts["distill"] = cfg.distill_weight * distillation_kl(logits, t_logits, cfg.distill_tau)
+                if hint is not None and state.keep_logp:
+                    parts["hint"] = cfg.selector_hint_weight * hint(state)
                 if learned and state.patch_policy is not None and cfg.token_distill_weight:
                     parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
                 elif not pruned and cfg.token_distill_weight and features.shape == t_features.shape:
@@ -398,7 +411,7 @@ def fit(
                 "seconds": f"{time.perf_counter() - started:.1f}",
                 "kept": "/".join(f"{k / steps_per_epoch:.3f}" for k in kept_sum),
             }
-            for key in ("loss", "task", "ratio", "distill", "tokens", "latency"):
+            for key in LOSS_TERMS:
                 row[key] = f"{sums.get(key, 0.0) / steps_per_epoch:.5f}"
             history.append(row)
             append_csv_rows(metrics_csv, METRIC_FIELDS, [row])

@@ -194,3 +194,42 @@ def test_latency_penalty_follows_the_table(tmp_path):
     loss.backward()
     assert loss.item() > 0 and all(float(f.grad.sum()) > 0 for f in fracs)  # fewer tokens -> less latency
     assert LatencyPenalty(latency, plan, target_ms=exact * 1.2)(fracs).item() == 0.0
+
+
+def test_selector_hint_teaches_the_teachers_class_attention_ranking():
+    """The hint alone moves fresh selectors' top-k onto the teacher's class-attention top-k."""
+    from spvit_search.losses import SelectorHint
+
+    torch.manual_seed(0)
+    teacher = create_model("vit_demo_digits").eval()
+    student = create_model("vit_demo_digits")
+    student.load_state_dict(teacher.state_dict())
+    plan = sp.PruningPlan(locations=(2, 4), keep=(0.5, 0.25), method="spvit")
+    sp.prune(student, plan)
+    hint = SelectorHint(teacher, plan.locations, teacher.num_prefix_tokens)
+    selectors = [p for n, p in student.named_parameters() if "token_selector" in n]
+    optimizer = torch.optim.Adam(selectors, lr=3e-3)
+    images = torch.randn(16, 3, 32, 32)
+
+    losses, overlaps = [], []
+    for _ in range(60):
+        with torch.no_grad():
+            teacher(images)
+        student.train()(images)
+        state = sp.pruning_state(student)
+        k = sp.plan.kept_count(0.5, state.num_patches)
+        chosen = state.keep_logp[0].detach().topk(k, dim=1).indices
+        qkv = hint.readers[0]._qkv
+        loss = hint(state)
+        hint.readers[0]._qkv = qkv  # read the same teacher attention again for the overlap
+        wanted = hint.readers[0].class_attention(state.num_patches).topk(k, dim=1).indices
+        overlaps.append(
+            np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(chosen, wanted, strict=True)])
+        )
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    hint.remove()
+    assert losses[-1] < 0.5 * losses[0]
+    assert overlaps[0] < 0.75 and np.mean(overlaps[-5:]) > 0.9, (overlaps[0], overlaps[-5:])

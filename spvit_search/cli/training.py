@@ -73,6 +73,8 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, disti
 @click.option("--distill-weight", type=float, default=0.5, show_default=True, help="logits KL to the teacher")
 @click.option("--token-weight", type=float, default=0.5, show_default=True, help="MSE on kept tokens")
 @click.option("--latency-weight", type=float, default=0.0, show_default=True, help="latency-aware loss weight")
+@click.option("--selector-hint", type=float, default=0.0, show_default=True,
+              help="weight of the teacher's class-attention top-k as each learned selector's target")  # fmt: skip
 @click.option("--target-ms", type=float, default=None, help="latency target of the latency-aware loss")
 @click.option("--latency-device", default=None, help="device whose table the latency loss reads (default: plan's)")
 @click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
@@ -80,9 +82,9 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, disti
 @devices_option
 @user_errors
 def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale, warmup_epochs, selector_warmup,
-             train_count, ratio_weight,
-             distill_weight, token_weight, latency_weight, target_ms, latency_device, tables, data, train_subset,
-             batch_size, weight_decay, augment, resume, seed, workers, torch_device, devices_file):  # fmt: skip
+             train_count, ratio_weight, distill_weight, token_weight, latency_weight, selector_hint, target_ms,
+             latency_device, tables, data, train_subset, batch_size, weight_decay, augment, resume, seed, workers,
+             torch_device, devices_file):  # fmt: skip
     """Soft-pruning fine-tune of plan.model under PLAN: task + ratio + distillation (+ latency) loss."""
     from pathlib import Path
 
@@ -126,8 +128,8 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
                       selector_lr_scale=selector_lr_scale,
                       distill_weight=distill_weight if teacher_model is not None else 0.0,
                       token_distill_weight=token_weight if teacher_model is not None else 0.0,
-                      latency_weight=latency_weight, augment=augment, train_subset=train_subset, seed=seed,
-                      workers=workers,
+                      latency_weight=latency_weight, selector_hint_weight=selector_hint, augment=augment,
+                      train_subset=train_subset, seed=seed, workers=workers,
                       device=torch_device, resume=resume)  # fmt: skip
     result = fit(model, data, cfg, out, model_name=plan.model, plan=plan, teacher=teacher_model,
                  latency_penalty=penalty)  # fmt: skip

@@ -112,6 +112,7 @@ class TokenReducer(nn.Module):
         state.kept_fraction.append(policy.mean(dim=1))
         state.expected_fraction.append((prev.detach() * keep_prob).sum(dim=1) / n)
         state.targets.append(self.keep)
+        state.keep_logp.append(logp[..., 1])
         return x
 
 

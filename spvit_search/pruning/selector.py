@@ -143,15 +143,15 @@ class ClsAttentionScorer(PreviousQkv):
         self.num_prefix = num_prefix
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        a = self._class_attention(x)
+        a = self.class_attention(x.shape[1])
         return torch.stack([torch.log1p(-a), torch.log(a)], dim=-1)
 
     def keep_logp(self, x: torch.Tensor) -> torch.Tensor:
         """``forward(x)[..., 1]``: only the keep channel, which is all a stage reads at inference."""
-        return torch.log(self._class_attention(x))
+        return torch.log(self.class_attention(x.shape[1]))
 
-    def _class_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Class-token attention to each of the ``n`` patches of ``x``, clamped inside (0, 1)."""
+    def class_attention(self, n: int) -> torch.Tensor:
+        """Class-token attention (B, n) to the ``n`` patches after the prefix, clamped inside (0, 1)."""
         qkv, attn = self.take_qkv("EViT scorer"), self._attn
         b, n_all, _ = qkv.shape
         h, d = attn.num_heads, attn.head_dim
@@ -159,5 +159,4 @@ class ClsAttentionScorer(PreviousQkv):
         k = qkv[:, :, h * d : 2 * h * d].reshape(b, n_all, h, d).transpose(1, 2)  # (B, H, N, d)
         q, k = attn.q_norm(q), attn.k_norm(k)
         cls_attn = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]  # (B, N)
-        n = x.shape[1]
         return cls_attn[:, self.num_prefix : self.num_prefix + n].clamp(1e-12, 1 - 1e-6)

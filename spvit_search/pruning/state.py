@@ -27,6 +27,7 @@ class PruneState:
     kept_fraction: list[torch.Tensor] = field(default_factory=list)  # train: (B,) per stage
     expected_fraction: list[torch.Tensor] = field(default_factory=list)  # train: (B,) differentiable, per stage
     targets: list[float] = field(default_factory=list)  # keep ratio aimed at, per recorded stage
+    keep_logp: list[torch.Tensor] = field(default_factory=list)  # train: (B, num_patches) selector output, per stage
     token_counts: list[int] = field(default_factory=list)  # tokens entering each block
     token_size: torch.Tensor | None = None  # merging: (B, N, 1) original patches per token, None before a merge
 
@@ -39,6 +40,7 @@ class PruneState:
         self.kept_fraction = []
         self.expected_fraction = []
         self.targets = []
+        self.keep_logp = []
         self.token_counts = []
         self.token_size = None
 
