@@ -6,7 +6,9 @@
 3. The study (``search.py``) runs, resumably, in this process and optional worker processes.
 4. The best feasible candidates are measured end to end on the device, interleaved; each
    measurement refines the table's calibration; a candidate measured over the target is
-   dropped, and the ranking is redone with the refined calibration until one passes.
+   dropped, and the ranking is redone with the refined calibration until one passes; when
+   none is left, the study searches again (``RESEARCHES`` times, half the trials each) under
+   the refined calibration, whose idea of the budget has moved.
 5. ``plan.yaml`` (with what was predicted and measured, and the table it was predicted from),
    a PNG of the trials, and a summary.
 """
@@ -44,6 +46,8 @@ from .search import (
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+#: extra searches (half the trials each) after every measured candidate missed the target
+RESEARCHES = 2
 
 
 @dataclass
@@ -276,14 +280,24 @@ def _unpruned(model_name: str, settings: OptimizeSettings, plan: PruningPlan):
 def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, out: str | Path = "plan.yaml",
              worker_argv: list[str] | None = None) -> OptimizeResult:  # fmt: skip
     start = time.perf_counter()
-    study, latency, model, space, _, fastest_ms = run_study(model_name, device, settings, worker_argv)
+    study, latency, model, space, evaluator, fastest_ms = run_study(model_name, device, settings, worker_argv)
     counts = _counts(study)
     ranked = feasible_ranked(study, settings.target_ms, latency, model_name)
     if not ranked:
         raise SearchError(f"no evaluated plan meets {settings.target_ms:g} ms after {counts['trials']} trials; "
                           "run more --trials or relax the target")  # fmt: skip
     if settings.verify_top > 0:
-        candidates, chosen = verify_on_device(study, latency, model_name, device, settings)
+        candidates, chosen = [], None
+        for search in range(1 + RESEARCHES):
+            if search:  # the misses refined the calibration: search again where it now puts the budget
+                objective = make_objective(space, latency, evaluator, settings.target_ms, model_name,
+                                           settings.multi_objective)  # fmt: skip
+                study.optimize(objective, n_trials=max(1, settings.trials // 2), catch=())
+            measured, chosen = verify_on_device(study, latency, model_name, device, settings)
+            candidates += measured
+            if chosen is not None:
+                break
+        counts = _counts(study)
         if chosen is None:
             over = ", ".join(f"{c['measured_ms']:.2f}" for c in candidates)
             budget = candidates[-1]["budget_ms"] if candidates else settings.target_ms

@@ -60,8 +60,11 @@ def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
     assert plan.model == MODEL and plan.device == "local" and plan.target_ms == target
     assert plan.measured_ms is not None and plan.measured_ms <= target
     assert plan.predicted_ms <= target and plan.lut["sha256"] and len(plan.block_tokens) == 6
-    assert summary["trials"]["trials"] == 60 and summary["trials"]["infeasible"] > 0
-    assert summary["trials"]["evaluated"] < 60  # infeasible, pruned and duplicate trials cost no evaluation
+    assert summary["trials"]["trials"] in (60, 90, 120)  # more when every candidate missed and it searched again
+    assert summary["trials"]["infeasible"] > 0
+    assert (
+        summary["trials"]["evaluated"] < summary["trials"]["trials"]
+    )  # infeasible, pruned and duplicate trials cost no evaluation
     assert summary["candidates"] and all(c["measured_ms"] > 0 for c in summary["candidates"])
     assert Path(summary["plot"]).stat().st_size > 10_000
     # the measured candidates refined the table's calibration
