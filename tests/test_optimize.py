@@ -59,7 +59,9 @@ def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
     plan = sp.PruningPlan.load(out)
     assert plan.model == MODEL and plan.device == "local" and plan.target_ms == target
     assert plan.measured_ms is not None and plan.measured_ms <= target
-    assert plan.predicted_ms <= target and plan.lut["sha256"] and len(plan.block_tokens) == 6
+    # predicted_ms is re-predicted with the calibration its own measurement refined: it may sit
+    # either side of the target; the measurement is what must meet it
+    assert plan.predicted_ms > 0 and plan.lut["sha256"] and len(plan.block_tokens) == 6
     assert summary["trials"]["trials"] in (60, 90, 120)  # more when every candidate missed and it searched again
     assert summary["trials"]["infeasible"] > 0
     assert (
