@@ -157,9 +157,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     if settings.target_share is not None:
         if not 0.0 < settings.target_share < 1.0:
             raise SearchError(f"target share {settings.target_share:g} must lie strictly between 0 and 1")
-        settings.target_ms = round(
-            settings.target_share * latency.predict(_unpruned_plan(latency, model_name)).total_ms, 4
-        )
+        settings.target_ms = _share_in_ms(settings.target_share, latency, model_name)
     elif settings.target_ms is None:
         raise SearchError("give a target: target_ms, or target_share of the unpruned model")
     space = _space(settings, len(model.blocks), trained, proxy)
@@ -250,9 +248,7 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
             budget = settings.target_share * timings["unpruned"].median_ms
         latency.add_calibration_points(points)
         if settings.target_share is not None:  # the next ranking aims at the share of the refined prediction
-            settings.target_ms = round(
-                settings.target_share * latency.predict(_unpruned_plan(latency, model_name)).total_ms, 4
-            )
+            settings.target_ms = _share_in_ms(settings.target_share, latency, model_name)
         for t, plan, predicted in batch:
             ms = timings[f"c{t.number}"].median_ms
             measured[t.user_attrs["plan_key"]] = {
@@ -267,6 +263,11 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
 
 def _unpruned_plan(latency: PlanLatency, model_name: str) -> PruningPlan:
     return PruningPlan(locations=(latency.depth - 1,), keep=(1.0,), model=model_name)
+
+
+def _share_in_ms(share: float, latency: PlanLatency, model_name: str) -> float:
+    """A target share as milliseconds of the table's (calibrated) prediction of the unpruned model."""
+    return round(share * latency.predict(_unpruned_plan(latency, model_name)).total_ms, 4)
 
 
 def _unpruned(model_name: str, settings: OptimizeSettings, plan: PruningPlan):
