@@ -6,13 +6,16 @@ On Fashion-MNIST with the shipped dense teacher (``benchmarks/checkpoints/vit_de
    the dense model is measured and the targets are shares of it (``--targets``, default
    55/70/85%; fixed at the first run and kept in the results, so a resumed run aims the same);
 2. plans: ``optimize`` for each method and target (``evit`` and ``tome`` scored by themselves,
-   ``spvit`` and ``hard`` placed by the EViT proxy with their own latency; every plan's best
-   candidates measured on the device), and ``shrink`` for the smaller dense model (every depth
-   measured, the deepest within the target);
+   ``spvit`` and ``hard`` placed by the EViT proxy with their own latency), every method at the
+   target's share of the dense model's *predicted* latency under the one table of step 1 (no
+   per-method device check: step 4 measures everything together), and ``shrink`` for the
+   smaller dense model (every depth measured, the deepest within the target);
 3. training, the same budget for every contender and seed (``--epochs`` on ``--finetune-subset``
    images, the teacher's logits and tokens distilled): ``finetune`` for evit, tome, hard, spvit
    and spvit with the latency-aware loss (target 90% of its plan's prediction: with exact token
-   counts it can only shape the selector's scores), ``train --teacher`` for the smaller model;
+   counts it can only shape the selector's scores), learned selectors trained from the first
+   step with the teacher's class-attention hint (``SELECTOR_WARMUP``, ``SELECTOR_HINT``),
+   ``train --teacher`` for the smaller model;
 4. every model exported to ONNX and measured end to end, all files interleaved in one session
    with the dense model (nothing else runs meanwhile); top-1 on the test split.
 
