@@ -2,7 +2,8 @@
 
 1. train the small dense ViT (``vit_demo_digits``) on the demo digits — the teacher;
 2. profile its parts on the device and calibrate the table with whole-model runs;
-3. measure the dense model; the target is a share of that latency (``target_ratio``);
+3. measure the dense model; the target is a share of its latency (``target_ratio``), each
+   candidate judged against the dense model measured beside it (or ``target_ms``, fixed);
 4. ``optimize`` with EViT (training-free) to place the budget: keep ratios that fit it;
 5. fine-tune SPViT (selectors + package token) at those ratios, distilled from the teacher;
 6. ``optimize`` again with the trained selectors, verified on the device;
@@ -91,9 +92,8 @@ def run_demo(device: DeviceConfig, s: DemoSettings) -> dict:
     step("measure dense", t0)
 
     def settings(**kw) -> OptimizeSettings:
-        # Without a fixed target each candidate is judged as a share of the dense model measured beside
-        # it: this host's speed drifts 10-20% within minutes, and the quick start once failed when
-        # every candidate missed a target in ms set from a measurement minutes earlier.
+        # A share, not step 3's ms: this host's speed drifts 10-20% within minutes, and the quick start
+        # once failed when every candidate missed a target in ms set from a measurement minutes earlier.
         budget = {"target_ms": target} if s.target_ms else {"target_ms": None, "target_share": s.target_ratio}
         return OptimizeSettings(**budget, tables=str(tables), trials=s.trials, progress=s.progress, **kw)
 
