@@ -21,11 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .plan import METHODS, PROFILED_BY_DEFAULT, kept_count
-from .pruning.merge import KeyReader, TokenMerger
-from .pruning.reducer import TokenReducer
-from .pruning.selector import ClsAttentionScorer, MultiHeadTokenSelector, PreviousQkv
-from .pruning.state import PruneState
+from .plan import PROFILED_BY_DEFAULT, kept_count
 
 #: token grids as fractions of the patch tokens (the prefix tokens are always added)
 BLOCK_FRACTIONS = (0.04, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
@@ -50,7 +46,7 @@ class InputSpec:
 class Part:
     """One measurable piece of a model."""
 
-    kind: str  # "stem" | "block" | "selector" | "head"
+    kind: str  # "stem" | "block" | "selector" | "downsample" | "head"
     signature: str
     module: nn.Module
     inputs: tuple[InputSpec, ...]
@@ -67,17 +63,9 @@ class Part:
         )
 
 
-class _Stem(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+class PlainBlock(nn.Module):
+    """A block called with tokens only (a bare timm ``Block`` traces ``is_causal`` as a tensor)."""
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(image))))
-
-
-class _Block(nn.Module):
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
@@ -86,7 +74,7 @@ class _Block(nn.Module):
         return self.block(x)
 
 
-class _ProportionalBlock(nn.Module):
+class ProportionalBlock(nn.Module):
     """A block after a merge: ToMe's proportional attention, ``log(size)`` as timm's ``attn_mask``."""
 
     def __init__(self, block: nn.Module) -> None:
@@ -97,31 +85,23 @@ class _ProportionalBlock(nn.Module):
         return self.block(x, attn_mask=torch.log(size)[:, None, None, :, 0])
 
 
-class _Head(nn.Module):
+class ModelPart(nn.Module):
+    """A piece of ``model``'s forward, wrapped for export (the model is held, its weights shared)."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+
+class HeadPart(ModelPart):
+    """The final norm and the classifier head, on the tokens the head reads."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.norm(x))
 
 
-class _Selector(nn.Module):
-    """One pruning or merging stage at inference, on a sequence of prefix + patch tokens."""
-
-    def __init__(self, reducer: TokenReducer | TokenMerger, num_prefix: int) -> None:
-        super().__init__()
-        self.reducer = reducer.eval()
-        self.num_prefix = num_prefix
-
-    def forward(self, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
-        if qkv is not None:  # EViT and ToMe read the previous block's qkv projection
-            next(m for m in self.reducer.modules() if isinstance(m, PreviousQkv))._qkv = qkv
-        return self.reducer(x, PruneState(num_prefix=self.num_prefix))
-
-
 def block_signature(block: nn.Module, proportional: bool = False) -> str:
-    """What sets a block's cost; ``proportional``: it runs with ToMe's size bias on its attention."""
+    """What sets a timm ViT ``Block``'s cost; ``proportional``: it runs with ToMe's size bias."""
     attn = block.attn
     dim = attn.qkv.in_features
     hidden = block.mlp.fc1.out_features
@@ -140,33 +120,13 @@ def selector_signature(method: str, dim: int, heads: int, num_prefix: int) -> st
     return f"selector-{method}-d{dim}-h{heads}-p{num_prefix}"
 
 
-def stem_signature(model: nn.Module) -> str:
-    c, h, w = _image_shape(model)
-    ph, pw = model.patch_embed.patch_size
-    return f"stem-vit-c{c}-i{h}x{w}-p{ph}x{pw}-d{model.embed_dim}-t{_total_tokens(model)}"
+def token_grid(prefix: int, patches: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """Token counts to measure: ``prefix`` plus each fraction of ``patches``."""
+    return tuple(sorted({prefix + kept_count(f, patches) for f in fractions}))
 
 
-def head_signature(model: nn.Module) -> str:
-    pool = model.global_pool or "none"
-    return f"head-vit-d{model.embed_dim}-c{model.num_classes}-{pool}"
-
-
-def _image_shape(model: nn.Module) -> tuple[int, int, int]:
-    h, w = model.patch_embed.img_size
-    return (model.patch_embed.proj.in_channels, int(h), int(w))
-
-
-def _total_tokens(model: nn.Module) -> int:
-    return model.num_prefix_tokens + model.patch_embed.num_patches
-
-
-def _grid(model: nn.Module, fractions: tuple[float, ...]) -> tuple[int, ...]:
-    n = model.patch_embed.num_patches
-    return tuple(sorted({model.num_prefix_tokens + kept_count(f, n) for f in fractions}))
-
-
-def _dense(module: nn.Module) -> nn.Module:
-    """A plain copy of a (possibly pruned) module: timm's own classes, no selector."""
+def dense_copy(module: nn.Module) -> nn.Module:
+    """A plain copy of a (possibly pruned) model: timm's own classes, no selector."""
     from .pruning import unprune
 
     clone = copy.deepcopy(module)
@@ -176,67 +136,11 @@ def _dense(module: nn.Module) -> nn.Module:
 
 
 def model_parts(model: nn.Module, methods: tuple[str, ...] = PROFILED_BY_DEFAULT) -> list[Part]:
-    """Distinct measurable parts of a timm ViT: stem, one per block signature, selectors, head."""
+    """Distinct measurable parts of a model (stem, one per block signature, downsampling layers,
+    selectors, head), as its family defines them; unsupported models are refused."""
     from .pruning import family_for
 
-    family_for(model)  # refuses unsupported models with the list of supported ones
-    model = _dense(model)
-    dim, prefix = model.embed_dim, model.num_prefix_tokens
-    token_input = (InputSpec("x", (dim,)),)
-    parts = [
-        Part(
-            "stem",
-            stem_signature(model),
-            _Stem(model),
-            (InputSpec("image", _image_shape(model), image=True),),
-            (_total_tokens(model),),
-            dynamic=False,
-        ),
-    ]
-    seen: set[str] = set()
-    block_grid = _grid(model, BLOCK_FRACTIONS)
-    for block in model.blocks:
-        sig = block_signature(block)
-        if sig not in seen:
-            seen.add(sig)
-            parts.append(Part("block", sig, _Block(block), token_input, block_grid, dynamic=True))
-            if "tome" in methods:  # blocks after a merge run with the size bias
-                inputs = (*token_input, InputSpec("size", (1,), positive=True))
-                biased = block_signature(block, proportional=True)
-                parts.append(Part("block", biased, _ProportionalBlock(block), inputs, block_grid, dynamic=True))
-    heads = model.blocks[0].attn.num_heads
-    for method in methods:
-        spec = METHODS[method]
-        qkv_input = InputSpec("qkv", (model.blocks[0].attn.qkv.out_features,))
-        if method == "tome":
-            merger = TokenMerger(SELECTOR_PART_KEEP, KeyReader(copy.deepcopy(model.blocks[0].attn)))
-            signature = selector_signature(method, dim, heads, prefix)
-            grid = _grid(model, SELECTOR_FRACTIONS)
-            parts.append(Part("selector", signature, _Selector(merger, prefix), (*token_input, qkv_input), grid, False))
-            continue
-        if spec.learned_selector:
-            scorer: nn.Module = MultiHeadTokenSelector(dim, heads)
-            inputs = token_input
-        else:
-            if not getattr(model, "has_class_token", False):
-                continue
-            scorer = ClsAttentionScorer(copy.deepcopy(model.blocks[0].attn), prefix)
-            inputs = (*token_input, qkv_input)
-        reducer = TokenReducer(scorer, SELECTOR_PART_KEEP, spec.package_token_default)
-        parts.append(
-            Part(
-                "selector",
-                selector_signature(method, dim, heads, prefix),
-                _Selector(reducer, prefix),
-                inputs,
-                _grid(model, SELECTOR_FRACTIONS),
-                dynamic=False,
-            )
-        )
-    parts.append(
-        Part("head", head_signature(model), _Head(model), token_input, _grid(model, HEAD_FRACTIONS), dynamic=True)
-    )
-    return parts
+    return family_for(model).parts(dense_copy(model), methods)
 
 
 def export_part_onnx(part: Part, path: str | Path, tokens: int | None = None, batch: int = 1) -> Path:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .errors import SpvitError
+from .models import input_shape
 
 DEMO = "demo"
 SPLITS = ("train", "calib", "test")
@@ -172,13 +173,13 @@ def build_dataset(data: str, split: str, model: nn.Module | None = None, augment
     """Split ``split`` of ``data`` ("demo" or an ImageFolder root)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; splits are {SPLITS}")
-    embed = getattr(model, "patch_embed", None)
-    size = int(embed.img_size[0]) if embed is not None else 32  # e.g. upscaled for DeiT at 224
+    shape = input_shape(model) if model is not None else None
+    size = shape[1] if shape is not None else 32  # e.g. upscaled for DeiT at 224
     if data == DEMO:
         return DemoDigits(split, augment=augment and split == "train", size=size)
     root = Path(data)
     if data == FASHION or _is_idx_folder(root):
-        channels = int(embed.proj.in_channels) if embed is not None else 1
+        channels = shape[0] if shape is not None else 1
         return FashionMNIST(FASHION_DIR if data == FASHION else root, split, augment and split == "train", size,
                             channels)  # fmt: skip
     if not root.exists():

@@ -1,7 +1,8 @@
 """Accuracy of pruning plans on calibration images, fast enough for a search's inner loop.
 
-* The tokens entering the first block that any plan can change are computed once and cached
-  (for EViT that is the block before the first location: its attention scores the tokens).
+* What enters the first block that any plan can change is computed once and cached (for EViT
+  that is the block before the first location: its attention scores the tokens); the model's
+  family says how to compute it and how to run the rest.
 * A plan already scored is not scored again.
 * Scoring is staged: a first subset of the images gives an early estimate that the search can
   use to stop hopeless trials, then the rest.
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .plan import PruningPlan
-from .pruning import prune, pruning_state
+from .pruning import family_for, prune
 
 
 def plan_key(plan: PruningPlan) -> str:
@@ -39,6 +40,7 @@ class PlanEvaluator:
         early_fraction: float = 0.25,
     ) -> None:
         self.model = model.eval()
+        self.family = family_for(model)
         self.batch_size = batch_size
         self.first_block = max(0, first_block)
         with torch.no_grad():
@@ -51,24 +53,14 @@ class PlanEvaluator:
         self.evaluations = 0
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokens entering block ``first_block`` (the dense stem and blocks before it)."""
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
-        for block in list(m.blocks)[: self.first_block]:
-            x = block(x)
-        return x
+        """What enters block ``first_block`` (the dense stem and blocks before it)."""
+        return self.family.embed(self.model, images, self.first_block)
 
     def _correct(self, tokens: torch.Tensor, labels: torch.Tensor) -> int:
-        m = self.model
-        state = pruning_state(m) if getattr(m, "spvit_plan", None) is not None else None
         correct = 0
         for start in range(0, len(tokens), self.batch_size):
             x = tokens[start : start + self.batch_size]
-            if state is not None:
-                state.reset()
-            for block in list(m.blocks)[self.first_block :]:
-                x = block(x)
-            logits = m.forward_head(m.norm(x))
+            logits = self.family.forward_from(self.model, x, self.first_block)
             correct += int((logits.argmax(dim=1) == labels[start : start + len(x)]).sum())
         return correct
 

@@ -50,9 +50,17 @@ def count_flops(model: nn.Module, batch_size: int = 1) -> FlopCount:
     model.eval()
     ref = next(model.parameters())
     x = torch.zeros(batch_size, *input_shape(model), device=ref.device, dtype=ref.dtype)
+    # Parameters frozen rather than ``no_grad``: the counter's module tracker hooks every tensor
+    # argument that requires grad, and under ``no_grad`` a view of a parameter passed inside a
+    # tuple (PiT's class tokens) requires grad with no grad function, which it refuses.
+    frozen = [p for p in model.parameters() if p.requires_grad]
     try:
-        with _unfused_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for p in frozen:
+            p.requires_grad_(False)
+        with _unfused_attention(model), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         model.train(was_training)
     return FlopCount(macs=counter.get_total_flops() // 2)

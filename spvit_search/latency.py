@@ -157,7 +157,10 @@ class LatencyTable:
                 )
 
     def require(self, signatures: dict[str, str], hint: str) -> None:
-        """Refuse if a needed signature (value: what it is) has no rows, or too few to fit."""
+        """Refuse if a needed signature (value: what it is) has no rows, or too few to fit.
+
+        Parts that always see one token count (what begins with "stem" or "fixed") need one row.
+        """
         present = set(self.signatures)
         missing = [f"{sig} ({what})" for sig, what in signatures.items() if sig not in present]
         if missing:
@@ -165,7 +168,7 @@ class LatencyTable:
         thin = [
             s
             for s, what in signatures.items()
-            if not what.startswith("stem") and self.points(s)["tokens"].nunique() < 2
+            if not what.startswith(("stem", "fixed")) and self.points(s)["tokens"].nunique() < 2
         ]
         if thin:
             raise LatencyTableError(f"{self.path} has fewer than 2 token counts for {', '.join(thin)}. {hint}")

@@ -62,12 +62,21 @@ class SelectorHint(nn.Module):
     probabilities. The selector can still depart from it where the task loss says so.
     """
 
-    def __init__(self, teacher: nn.Module, locations: tuple[int, ...], num_prefix: int) -> None:
+    def __init__(self, teacher: nn.Module, locations: tuple[int, ...]) -> None:
         super().__init__()
+        from .pruning import family_for
         from .pruning.selector import ClsAttentionScorer
 
-        # readers hold the teacher's attention without registering it: no weights of their own
-        self.readers = [ClsAttentionScorer(teacher.blocks[loc - 1].attn, num_prefix) for loc in locations]
+        family = family_for(teacher)
+        blocks, layout = family.blocks(teacher), family.layout(teacher)
+        # The block before the location; at the first block of a grid (PiT), the location's own
+        # block: the one before works on another grid. Readers hold the teacher's attention
+        # without registering it: no weights of their own.
+        self.readers = []
+        for loc in locations:
+            stage = layout.stage_at(loc)
+            reader = blocks[loc - 1] if loc > stage.start else blocks[loc]
+            self.readers.append(ClsAttentionScorer(reader.attn, stage.prefix))
 
     def remove(self) -> None:
         for reader in self.readers:
@@ -81,11 +90,10 @@ class SelectorHint(nn.Module):
         for reader, logp, policy, keep in zip(self.readers, state.keep_logp, state.decisions, state.targets,
                                               strict=True):  # fmt: skip
             attention = reader.class_attention(logp.shape[1])
-            alive = torch.ones_like(logp) if previous is None else previous.detach()
+            same_grid = previous is not None and previous.shape == logp.shape  # a new grid starts whole
+            alive = previous.detach() if same_grid else torch.ones_like(logp)
             ranked = attention.masked_fill(alive <= 0, float("-inf"))
-            target = torch.zeros_like(logp).scatter(
-                1, ranked.topk(kept_count(keep, state.num_patches), dim=1).indices, 1.0
-            )
+            target = torch.zeros_like(logp).scatter(1, ranked.topk(kept_count(keep, logp.shape[1]), dim=1).indices, 1.0)
             log_drop = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
             bce = -(target * logp + (1 - target) * log_drop)
             losses.append((bce * alive).sum() / alive.sum().clamp_min(1.0))
@@ -110,32 +118,38 @@ class LatencyPenalty(nn.Module):
         self.latency, self.plan = latency, plan
         coef = latency._block_coef
         self.register_buffer("block_coef", torch.tensor(coef, dtype=torch.float32), persistent=False)
-        sel, _ = latency.method_parts(plan.method)
+        sels, _ = latency.method_parts(plan.method)
         head = latency._head_fit
-        self._sel = (sel.a, sel.b, sel.c)
+        self._sels = [(sel.a, sel.b, sel.c) for sel in sels]
         self._head = (head.a, head.b, head.c)
-        previous = (1.0, *plan.keep)
-        # the stages that act in training (keep below the stage before), in the order they record
-        self._stages = [(s, loc) for s, loc in enumerate(plan.locations) if plan.keep[s] < previous[s]]
+        previous = latency.layout.previous_keep(plan)
+        # the stages that act in training (keep below what reaches them), in the order they record
+        self._acting = [loc for s, loc in enumerate(plan.locations) if plan.keep[s] < previous[s]]
 
     def predicted_ms(self, kept_fraction: list[torch.Tensor]) -> torch.Tensor:
-        lat, plan = self.latency, self.plan
-        p, n0 = lat.num_prefix, lat.num_patches
-        tokens = [torch.tensor(float(p + n0))] * lat.depth
-        packages = 0
+        lat, layout = self.latency, self.latency.layout
+        fraction = dict(zip(self._acting, kept_fraction, strict=True))
+        tokens: list[torch.Tensor] = []
         selector = torch.zeros(())
-        for (_, loc), frac in zip(self._stages, kept_fraction, strict=True):
-            entering = tokens[loc - 1] if loc > 0 else torch.tensor(float(p + n0))
-            a, b, c = self._sel
-            selector = selector + a + b * entering + c * entering * entering
-            packages += int(plan.package_token)
-            expected = p + frac.mean() * n0 + packages
-            tokens = tokens[:loc] + [expected] * (lat.depth - loc)
-        t = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in tokens])
+        carried = 0
+        for s_idx, stage in enumerate(layout.stages):
+            kept, packages = torch.tensor(float(stage.patches)), 0
+            for block in stage.blocks:
+                if block in fraction:
+                    entering = stage.prefix + carried + kept + packages
+                    a, b, c = self._sels[s_idx]
+                    selector = selector + a + b * entering + c * entering * entering
+                    packages += int(self.plan.package_token)
+                    kept = fraction[block].mean() * stage.patches
+                tokens.append(torch.as_tensor(stage.prefix + carried + kept + packages, dtype=torch.float32))
+            if layout.carry_packages:
+                carried += packages
+        t = torch.stack(tokens)
         c = self.block_coef
         blocks = (c[:, 0] + c[:, 1] * t + c[:, 2] * t * t).sum()
         a, b, cc = self._head
-        total = lat._stem_ms + blocks + selector + a + b * t[-1] + cc * t[-1] * t[-1]
+        last = t[-1] if layout.head_tokens is None else torch.tensor(float(layout.head_tokens))
+        total = lat._stem_ms + lat._downsample_ms + blocks + selector + a + b * last + cc * last * last
         return lat.calibration.scale * total + lat.calibration.offset_ms
 
     def forward(self, kept_fraction: list[torch.Tensor]) -> torch.Tensor:

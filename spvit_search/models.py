@@ -129,7 +129,8 @@ def build_model(
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) the model was built for."""
     embed = getattr(model, "patch_embed", None)
-    if embed is not None and getattr(embed, "img_size", None) is not None:
+    conv = getattr(embed, "proj", None) or getattr(embed, "conv", None)  # ViT/Swin: proj; PiT: conv
+    if conv is not None and getattr(embed, "img_size", None) is not None:
         h, w = embed.img_size
-        return (embed.proj.in_channels, int(h), int(w))
+        return (conv.in_channels, int(h), int(w))
     return tuple(model.pretrained_cfg["input_size"])

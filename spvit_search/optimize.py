@@ -34,6 +34,7 @@ from .measure import measure_models
 from .models import build_model, read_state
 from .plan import METHODS, PruningPlan, default_locations
 from .predictor import PlanLatency
+from .pruning.layout import ModelLayout
 from .search import (
     SearchError,
     SearchSpace,
@@ -95,8 +96,9 @@ class OptimizeResult:
     proxy: str | None = None  # the training-free method whose accuracy placed the budget, if any
 
 
-def _space(settings: OptimizeSettings, depth: int, trained_locations: tuple[int, ...] | None,
+def _space(settings: OptimizeSettings, layout: ModelLayout, trained_locations: tuple[int, ...] | None,
            proxy: str | None) -> SearchSpace:  # fmt: skip
+    depth = layout.depth
     if trained_locations is not None:
         sets = (trained_locations,)
     elif settings.search_locations:
@@ -105,7 +107,7 @@ def _space(settings: OptimizeSettings, depth: int, trained_locations: tuple[int,
         sets = tuple(combinations(range(1, depth), settings.stages))
     else:
         sets = (settings.locations or default_locations(depth, settings.stages),)
-    return SearchSpace(sets, settings.methods, settings.min_factor, settings.step, proxy)
+    return SearchSpace(sets, settings.methods, settings.min_factor, settings.step, proxy, layout=layout)
 
 
 def load_search_model(model_name: str, settings: OptimizeSettings):
@@ -160,7 +162,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         settings.target_ms = _share_in_ms(settings.target_share, latency, model_name)
     elif settings.target_ms is None:
         raise SearchError("give a target: target_ms, or target_share of the unpruned model")
-    space = _space(settings, len(model.blocks), trained, proxy)
+    space = _space(settings, latency.layout, trained, proxy)
     fastest_ms, fastest = space.fastest(latency)
     if settings.target_ms < fastest_ms:
         raise SearchError(

@@ -2,8 +2,11 @@
 
 A plan is the one object passed between the steps of the data flow: ``optimize`` writes it,
 ``prune``/``finetune``/``export``/``measure`` read it. Keep ratios are *cumulative* fractions
-of the model's patch tokens (``keep=(0.7, 0.49, 0.343)`` keeps 70%, then 49%, then 34.3% of
-the original patches), so a plan means the same thing whatever came before each stage.
+of the patch tokens of the grid a location works on (``keep=(0.7, 0.49, 0.343)`` on a ViT keeps
+70%, then 49%, then 34.3% of the original patches), so a plan means the same thing whatever
+came before each stage. On a model with several grids (PiT, Swin) the fraction is of the grid
+of the location's stage and starts again at 1.0 after each downsampling layer; the model's
+family checks that ratios do not rise within a grid (see ``pruning/layout.py``).
 """
 
 from __future__ import annotations
@@ -123,11 +126,6 @@ class PruningPlan:
         for k in self.keep:
             if not (0.0 < k <= 1.0) or math.isnan(k):
                 raise PlanError(f"keep ratios must be in (0, 1], got {list(self.keep)}")
-        if any(b > a for a, b in zip(self.keep, self.keep[1:], strict=False)):
-            raise PlanError(
-                f"keep ratios are cumulative fractions of the patch tokens and must not increase "
-                f"(pruning is monotone), got {list(self.keep)}"
-            )
 
     @property
     def spec(self) -> MethodSpec:
@@ -145,13 +143,15 @@ class PruningPlan:
                 f"location {self.locations[-1]} is outside the model: it has {depth} blocks (0..{depth - 1})"
             )
 
-    def without_idle_stages(self) -> PruningPlan:
-        """The same pruning without stages that keep as much as the stage before (they do nothing).
+    def without_idle_stages(self, model: nn.Module | None = None) -> PruningPlan:
+        """The same pruning without stages that keep as much as reaches them (they do nothing).
 
         Fine-tuning drops them so that no selector is saved that was never trained. A plan
-        that prunes nothing is returned unchanged.
+        that prunes nothing is returned unchanged. Give ``model`` for a model of several token
+        grids (its stages start again from the full grid); without it the plan is read as one
+        grid's.
         """
-        previous = (1.0, *self.keep)
+        previous = self.previous_keep(model)
         active = [s for s in range(len(self.keep)) if self.keep[s] < previous[s]]
         if not active or len(active) == len(self.keep):
             return self
@@ -159,6 +159,14 @@ class PruningPlan:
             locations=tuple(self.locations[s] for s in active), keep=tuple(self.keep[s] for s in active),
             block_tokens=None,
         )  # fmt: skip
+
+    def previous_keep(self, model: nn.Module | None = None) -> tuple[float, ...]:
+        """For each location, the keep ratio of the tokens reaching it (1.0 where its grid starts)."""
+        if model is None:
+            return (1.0, *self.keep[:-1])
+        from .pruning import family_for
+
+        return family_for(model).layout(model).previous_keep(self)
 
     def replace(self, **changes: Any) -> PruningPlan:
         return dataclasses.replace(self, **changes)

@@ -1,6 +1,6 @@
 """Predicted latency of pruning plans on a device, from its latency table.
 
-``latency(plan) = stem + Σ blocks(tokens_i) + Σ active selectors(tokens in) + head(tokens_last)``
+``latency(plan) = stem + downsampling + Σ blocks(tokens_i) + Σ active selectors(tokens in) + head``
 with each part's fitted curve. Token counts follow the pruning mechanism exactly: a stage
 keeping everything (keep 1.0, or no fewer tokens than it receives) does nothing and adds no
 package token. Everything is numpy over a batch of plans, so the search can score thousands
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from .blocks import block_signature, head_signature, selector_signature, stem_signature
+from .blocks import selector_signature
 from .devices import DeviceConfig
 from .latency import Fit, LatencyTable, LatencyTableError, now_iso, table_path
 from .plan import METHODS, PruningPlan
@@ -68,6 +68,7 @@ class Prediction:
     head_ms: float
     tokens_per_block: tuple[int, ...]
     calibration: Calibration = field(default_factory=Calibration)
+    downsample_ms: float = 0.0  # pooling / patch-merging layers (no plan changes them)
 
     def as_dict(self) -> dict:
         return {
@@ -80,6 +81,7 @@ class Prediction:
             },
             "breakdown_ms": {
                 "stem": round(self.stem_ms, 4),
+                "downsample": round(self.downsample_ms, 4),
                 "blocks": [round(b, 4) for b in self.blocks_ms],
                 "selectors": [round(s, 4) for s in self.selectors_ms],
                 "head": round(self.head_ms, 4),
@@ -91,27 +93,27 @@ class Prediction:
 class PlanLatency:
     """Latency of plans for one model on one device, from a table that fits them.
 
-    Stem, head and blocks must be in the table; a method's own parts (its selector, and for
-    ``tome`` the blocks with proportional attention) are required for the ``methods`` named
-    here, and otherwise looked up the first time a plan of that method is predicted.
+    Stem, downsampling layers, head and blocks must be in the table; a method's own parts (its
+    selector at each stage width, and for ``tome`` the blocks with proportional attention) are
+    required for the ``methods`` named here, and otherwise looked up the first time a plan of
+    that method is predicted. The model's family says which parts a model has and how many
+    tokens each sees (:class:`~spvit_search.pruning.layout.ModelLayout`).
     """
 
     def __init__(self, table: LatencyTable, model: nn.Module, model_name: str, methods: tuple[str, ...] | None = None):
-        family_for(model)
+        self.layout = layout = family_for(model).layout(model)
         self.table, self.model_name = table, model_name
-        self.num_prefix = model.num_prefix_tokens
-        self.num_patches = model.patch_embed.num_patches
-        self.depth = len(model.blocks)
-        self._heads, self._dim = model.blocks[0].attn.num_heads, model.embed_dim
-        blocks = [block_signature(b) for b in model.blocks]
-        self._proportional_blocks = [block_signature(b, proportional=True) for b in model.blocks]
-        self._stem, self._head = stem_signature(model), head_signature(model)
+        self.depth = layout.depth
         self._hint = f"Measure them: spvit-search profile --model {model_name} (with the same device and threads)"
-        table.require({self._stem: "stem", self._head: "head", **{s: "blocks" for s in blocks}}, self._hint)
-        self._block_coef = self._coefficients(blocks)  # (depth, 3)
-        self._stem_ms = float(table.fit(self._stem)(self.num_prefix + self.num_patches))
-        self._head_fit = table.fit(self._head)
-        self._selector_fits: dict[str, Fit] = {}
+        head = "head" if layout.head_tokens is None else "fixed-count head"
+        need = {layout.stem: "stem", layout.head: head, **{s: "blocks" for s in layout.blocks}}
+        need.update({sig: "fixed-count downsampling layer" for sig, _ in layout.fixed})
+        table.require(need, self._hint)
+        self._block_coef = self._coefficients(list(layout.blocks))  # (depth, 3)
+        self._stem_ms = float(table.fit(layout.stem)(layout.stem_tokens))
+        self._downsample_ms = float(sum(table.fit(sig)(n) for sig, n in layout.fixed))
+        self._head_fit = table.fit(layout.head)
+        self._selector_fits: dict[tuple[str, int], Fit] = {}
         self._proportional_coef: np.ndarray | None = None
         for method in methods or ():
             self.method_parts(method)
@@ -121,20 +123,22 @@ class PlanLatency:
     def _coefficients(self, signatures: list[str]) -> np.ndarray:
         return np.array([[f.a, f.b, f.c] for f in (self.table.fit(s) for s in signatures)])
 
-    def method_parts(self, method: str) -> tuple[Fit, np.ndarray]:
-        """The fitted selector of ``method`` and the block coefficients after its first stage."""
-        if method not in self._selector_fits:
-            signature = selector_signature(method, self._dim, self._heads, self.num_prefix)
-            need = {signature: f"{method} selector"}
+    def method_parts(self, method: str) -> tuple[list[Fit], np.ndarray]:
+        """The fitted selector of ``method`` per stage and the block coefficients after its first stage."""
+        stages = self.layout.stages
+        if (method, 0) not in self._selector_fits:
+            signatures = [selector_signature(method, st.dim, st.heads, st.prefix) for st in stages]
+            need = {sig: f"{method} selector" for sig in signatures}
             if method == "tome":
-                need.update({s: "blocks with proportional attention" for s in self._proportional_blocks})
+                need.update({s: "blocks with proportional attention" for s in self.layout.proportional_blocks})
             hint = self._hint.replace("--model", f"--methods {method} --model")
             self.table.require(need, hint)
-            self._selector_fits[method] = self.table.fit(signature)
+            for i, sig in enumerate(signatures):
+                self._selector_fits[(method, i)] = self.table.fit(sig)
             if method == "tome":
-                self._proportional_coef = self._coefficients(self._proportional_blocks)
+                self._proportional_coef = self._coefficients(list(self.layout.proportional_blocks))
         after = self._proportional_coef if method == "tome" else self._block_coef
-        return self._selector_fits[method], after
+        return [self._selector_fits[(method, i)] for i in range(len(stages))], after
 
     @classmethod
     def for_device(cls, device: DeviceConfig, model: nn.Module, model_name: str, root="latency_tables",
@@ -153,31 +157,18 @@ class PlanLatency:
     # -- vectorised core ------------------------------------------------------------------------
     def tokens(self, keep: np.ndarray, locations: tuple[int, ...], package: bool) -> tuple[np.ndarray, np.ndarray]:
         """Tokens entering each block (P, depth) and which stages act (P, S), for P plans."""
-        keep = np.atleast_2d(np.asarray(keep, dtype=float))
-        plans = keep.shape[0]
-        np_, p = self.num_patches, self.num_prefix
-        tokens = np.full((plans, self.depth), p + np_, dtype=np.int64)
-        active = np.zeros(keep.shape, dtype=bool)
-        n_prev = np.full(plans, np_, dtype=np.int64)
-        packages = np.zeros(plans, dtype=np.int64)
-        for s, loc in enumerate(locations):
-            k = np.maximum(1, np.floor(keep[:, s] * np_ + 0.5).astype(np.int64))
-            act = (keep[:, s] < 1.0) & (k < n_prev)
-            n_prev = np.where(act, k, n_prev)
-            packages = packages + (act & package)
-            tokens[:, loc:] = (p + n_prev + packages)[:, None]
-            active[:, s] = act
+        tokens, active, _ = self.layout.tokens(keep, locations, package)
         return tokens, active
 
-    def _stage_ms(self, method: str, sel: Fit, entering: np.ndarray, leaving: np.ndarray) -> np.ndarray:
+    def _stage_ms(self, method: str, sel: Fit, prefix: int, entering: np.ndarray, leaving: np.ndarray) -> np.ndarray:
         """One active stage: a selector runs once; a merge runs one matching round per halving."""
         if method != "tome":
             return sel(entering)
-        total, n = np.zeros(len(entering)), entering - self.num_prefix
-        target = leaving - self.num_prefix
+        total, n = np.zeros(len(entering)), entering - prefix
+        target = leaving - prefix
         while np.any(n > target):
             r = np.minimum(n - target, n // 2)
-            total = total + np.where(r > 0, sel(self.num_prefix + n), 0.0)
+            total = total + np.where(r > 0, sel(prefix + n), 0.0)
             n = np.where(r > 0, n - r, target)
         return total
 
@@ -193,39 +184,47 @@ class PlanLatency:
             c = np.where(biased[..., None], after[None], c)
         return c[..., 0] + c[..., 1] * t + c[..., 2] * t * t
 
-    def _entering(self, t: np.ndarray, loc: int) -> np.ndarray:
-        return t[:, loc - 1] if loc > 0 else np.full(len(t), self.num_prefix + self.num_patches, float)
+    def _head_ms(self, t: np.ndarray) -> np.ndarray:
+        n = self.layout.head_tokens
+        return self._head_fit(t[:, -1] if n is None else np.full(len(t), float(n)))
+
+    def _selectors_ms(self, method: str, sels: list[Fit], t: np.ndarray, active: np.ndarray,
+                      entering: np.ndarray, locations: tuple[int, ...]) -> np.ndarray:  # fmt: skip
+        """(P, S) cost of each stage's selector (0 where the stage does nothing)."""
+        out = np.zeros(active.shape)
+        for s, loc in enumerate(locations):
+            stage = self.layout.stage_of_block[loc]
+            prefix = self.layout.stages[stage].prefix
+            ms = self._stage_ms(method, sels[stage], prefix, entering[:, s].astype(float), t[:, loc])
+            out[:, s] = np.where(active[:, s], ms, 0.0)
+        return out
 
     def predict_many(self, keep: np.ndarray, locations: tuple[int, ...], method: str = "spvit",
                      package: bool | None = None, calibrated: bool = True) -> np.ndarray:  # fmt: skip
         """Predicted ms for each row of ``keep`` (P, stages)."""
         package = METHODS[method].package_token_default if package is None else package
-        sel, after = self.method_parts(method)
-        tokens, active = self.tokens(keep, locations, package)
+        sels, after = self.method_parts(method)
+        tokens, active, entering = self.layout.tokens(keep, locations, package)
         t = tokens.astype(float)
-        total = self._stem_ms + self._blocks_ms(method, t, active, locations, after).sum(axis=1)
-        total = total + self._head_fit(t[:, -1])
-        for s, loc in enumerate(locations):
-            stage = self._stage_ms(method, sel, self._entering(t, loc), t[:, loc])
-            total = total + np.where(active[:, s], stage, 0.0)
+        total = self._stem_ms + self._downsample_ms + self._head_ms(t)
+        total = total + self._blocks_ms(method, t, active, locations, after).sum(axis=1)
+        total = total + self._selectors_ms(method, sels, t, active, entering, locations).sum(axis=1)
         return self.calibration(total) if calibrated else total
 
     def predict(self, plan: PruningPlan) -> Prediction:
-        plan.check_depth(self.depth)
-        sel, after = self.method_parts(plan.method)
-        tokens, active = self.tokens(np.array([plan.keep]), plan.locations, plan.package_token)
+        self.layout.check(plan)
+        sels, after = self.method_parts(plan.method)
+        tokens, active, entering = self.layout.tokens(np.array([plan.keep]), plan.locations, plan.package_token)
         t = tokens.astype(float)
         blocks = self._blocks_ms(plan.method, t, active, plan.locations, after)[0]
-        selectors = [
-            float(self._stage_ms(plan.method, sel, self._entering(t, loc), t[:, loc])[0]) if active[0, s] else 0.0
-            for s, loc in enumerate(plan.locations)
-        ]
-        head = float(self._head_fit(t[0, -1]))
-        parts = self._stem_ms + float(blocks.sum()) + sum(selectors) + head
+        selectors = self._selectors_ms(plan.method, sels, t, active, entering, plan.locations)[0]
+        head = float(self._head_ms(t)[0])
+        parts = self._stem_ms + self._downsample_ms + float(blocks.sum()) + float(selectors.sum()) + head
         return Prediction(
             total_ms=float(self.calibration(parts)), parts_ms=parts, stem_ms=self._stem_ms,
-            blocks_ms=tuple(float(b) for b in blocks), selectors_ms=tuple(selectors), head_ms=head,
+            blocks_ms=tuple(float(b) for b in blocks), selectors_ms=tuple(float(x) for x in selectors), head_ms=head,
             tokens_per_block=tuple(int(n) for n in tokens[0]), calibration=self.calibration,
+            downsample_ms=self._downsample_ms,
         )  # fmt: skip
 
     # -- calibration ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import optuna
@@ -24,6 +24,7 @@ from .errors import SpvitError
 from .evaluate import PlanEvaluator, plan_key
 from .plan import METHODS, PruningPlan
 from .predictor import PlanLatency
+from .pruning.layout import ModelLayout
 
 
 class SearchError(SpvitError):
@@ -39,6 +40,9 @@ class SearchSpace:
     #: a training-free method that scores the plans of a learned one whose selectors are not
     #: trained yet (a plain checkpoint): it places the budget, the latency stays the method's
     proxy: str | None = None
+    #: the model's token grids: keep factors multiply within a grid and start again at the next
+    #: (None: one grid, as in a flat ViT)
+    layout: ModelLayout | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.location_sets or not self.methods:
@@ -80,17 +84,24 @@ class SearchSpace:
         else:
             choice = trial.suggest_categorical("locations", [",".join(map(str, s)) for s in self.location_sets])
             locations = tuple(int(v) for v in choice.split(","))
+        factors = [trial.suggest_float(f"r{s}", self.min_factor, 1.0, step=self.step) for s in range(len(locations))]
+        return PruningPlan(locations=locations, keep=self.keep_of(locations, factors), method=method, model=model_name)
+
+    def keep_of(self, locations: tuple[int, ...], factors: list[float]) -> tuple[float, ...]:
+        """Cumulative keep ratios from per-stage factors (restarting at each new token grid)."""
+        if self.layout is not None:
+            return self.layout.cumulative_keep(locations, factors)
         keep, k = [], 1.0
-        for s in range(len(locations)):
-            k *= trial.suggest_float(f"r{s}", self.min_factor, 1.0, step=self.step)
+        for f in factors:
+            k *= f
             keep.append(round(k, 4))
-        return PruningPlan(locations=locations, keep=tuple(keep), method=method, model=model_name)
+        return tuple(keep)
 
     def fastest(self, latency: PlanLatency) -> tuple[float, PruningPlan]:
         """The lowest predicted latency in the space (every factor at its minimum)."""
         best = None
         for locations in self.location_sets:
-            keep = tuple(round(self.min_factor ** (s + 1), 4) for s in range(len(locations)))
+            keep = self.keep_of(locations, [self.min_factor] * len(locations))
             for method in self.methods:
                 plan = PruningPlan(locations=locations, keep=keep, method=method)
                 ms = latency.predict(plan).total_ms

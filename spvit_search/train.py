@@ -99,6 +99,12 @@ class _WithFeatures(nn.Module):
         return self.model.forward_head(features), features
 
 
+def _token_layout(features: torch.Tensor, state) -> bool:
+    """True if the features are the whole token sequence of the last grid (a ViT's), which the
+    kept-token loss matches; a PiT's are its class tokens only, and the term is not applied."""
+    return features.dim() == 3 and features.shape[1] == state.num_prefix + state.num_patches + state.num_packages
+
+
 def _distributed(device_kind: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -331,10 +337,9 @@ def fit(
     if learned and cfg.selector_hint_weight:
         if teacher is None:
             raise TrainError("the selector hint reads the teacher's class attention: give a teacher")
-        acting = [
-            loc for loc, k, before in zip(plan.locations, plan.keep, (1.0, *plan.keep), strict=False) if k < before
-        ]
-        hint = SelectorHint(teacher, tuple(acting), getattr(teacher, "num_prefix_tokens", 1))
+        before = plan.previous_keep(model)
+        acting = [loc for loc, k, b in zip(plan.locations, plan.keep, before, strict=True) if k < b]
+        hint = SelectorHint(teacher, tuple(acting))
     student: nn.Module = _WithFeatures(model)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -371,7 +376,12 @@ def fit(
                 parts["distill"] = cfg.distill_weight * distillation_kl(logits, t_logits, cfg.distill_tau)
                 if hint is not None and state.keep_logp:
                     parts["hint"] = cfg.selector_hint_weight * hint(state)
-                if learned and state.patch_policy is not None and cfg.token_distill_weight:
+                if (
+                    learned
+                    and state.patch_policy is not None
+                    and cfg.token_distill_weight
+                    and _token_layout(features, state)
+                ):
                     parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
                 elif not pruned and cfg.token_distill_weight and features.shape == t_features.shape:
                     prefix = getattr(model, "num_prefix_tokens", 1)

@@ -1,4 +1,4 @@
-"""Model configs this project registers with timm (one family: small ViTs for the embedded data).
+"""Model configs this project registers with timm: small ViTs and PiTs for the embedded data.
 
 Registered like timm's own entries (a ``default_cfgs`` entry, ``@register_model``, built by
 ``build_model_with_cfg``), so ``timm.create_model("vit_demo_digits")`` works once
@@ -8,30 +8,21 @@ Registered like timm's own entries (a ``default_cfgs`` entry, ``@register_model`
 from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.pit import PoolingVisionTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+_DIGITS = {"input_size": (3, 32, 32), "num_classes": 10, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+           "crop_pct": 1.0, "interpolation": "bilinear"}  # fmt: skip
+_FASHION = {"input_size": (1, 32, 32), "num_classes": 10, "mean": (0.2860,), "std": (0.3530,), "crop_pct": 1.0,
+            "interpolation": "bilinear"}  # fmt: skip
+_VIT = {"first_conv": "patch_embed.proj", "classifier": "head"}
+_PIT = {"first_conv": "patch_embed.conv", "classifier": "head"}
 default_cfgs = generate_default_cfgs(
     {
-        "vit_demo_digits": {
-            "input_size": (3, 32, 32),
-            "num_classes": 10,
-            "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5),
-            "crop_pct": 1.0,
-            "interpolation": "bilinear",
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-        "vit_demo_fashion": {
-            "input_size": (1, 32, 32),
-            "num_classes": 10,
-            "mean": (0.2860,),
-            "std": (0.3530,),
-            "crop_pct": 1.0,
-            "interpolation": "bilinear",
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
+        "vit_demo_digits": {**_DIGITS, **_VIT},
+        "vit_demo_fashion": {**_FASHION, **_VIT},
+        "pit_demo_digits": {**_DIGITS, **_PIT},
+        "pit_demo_fashion": {**_FASHION, **_PIT},
     }
 )
 
@@ -54,3 +45,23 @@ def vit_demo_fashion(pretrained: bool = False, **kwargs) -> VisionTransformer:
     args = {"img_size": 32, "patch_size": 4, "in_chans": 1, "embed_dim": 96, "depth": 6, "num_heads": 3,
             "mlp_ratio": 3.0, "num_classes": 10}  # fmt: skip
     return build_model_with_cfg(VisionTransformer, "vit_demo_fashion", pretrained, **dict(args, **kwargs))
+
+
+#: 32×32 input, 4×4 patches at stride 2: grids 15² → 8² → 4² (an odd first grid, like PiT-S's
+#: 27²), widths 48 → 96 → 192 with 2 → 4 → 8 heads, 2 + 3 + 2 blocks: about the multiply-adds
+#: of ``vit_demo_digits``, most of them in the first stage's attention.
+_PIT_DEMO = {"img_size": 32, "patch_size": 4, "stride": 2, "base_dims": (24, 24, 24), "depth": (2, 3, 2),
+             "heads": (2, 4, 8), "mlp_ratio": 3.0, "num_classes": 10}  # fmt: skip
+
+
+@register_model
+def pit_demo_digits(pretrained: bool = False, **kwargs) -> PoolingVisionTransformer:
+    """PiT for the embedded demo data: a pooling transformer small enough to train here."""
+    return build_model_with_cfg(PoolingVisionTransformer, "pit_demo_digits", pretrained, **dict(_PIT_DEMO, **kwargs))
+
+
+@register_model
+def pit_demo_fashion(pretrained: bool = False, **kwargs) -> PoolingVisionTransformer:
+    """``pit_demo_digits`` with one input channel, for Fashion-MNIST (``--data fashion``)."""
+    args = dict(_PIT_DEMO, in_chans=1, **kwargs)
+    return build_model_with_cfg(PoolingVisionTransformer, "pit_demo_fashion", pretrained, **args)

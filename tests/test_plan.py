@@ -18,7 +18,6 @@ def test_defaults_and_method_package_token():
         ({"locations": (6, 3, 9)}, "strictly increasing"),
         ({"locations": (3, 3, 9)}, "strictly increasing"),
         ({"locations": (-1, 3, 9)}, ">= 0"),
-        ({"keep": (0.7, 0.8, 0.3)}, "must not increase"),
         ({"keep": (0.7, 0.0, 0.0)}, "(0, 1]"),
         ({"keep": (1.2, 0.5, 0.3)}, "(0, 1]"),
         ({"keep": (0.7, 0.5)}, "one keep ratio per location"),
@@ -37,6 +36,14 @@ def test_location_outside_depth():
     model = timm.create_model("deit_tiny_patch16_224")
     with pytest.raises(PlanError, match="outside the model: it has 12 blocks"):
         PruningPlan(locations=(3, 6, 12)).tokens_per_block(model)
+
+
+def test_keep_rising_on_one_grid_is_refused_with_the_model():
+    """Whether a ratio may rise depends on the model's grids (a PiT stage starts again), so the
+    family checks it when the plan meets the model."""
+    plan = PruningPlan(keep=(0.7, 0.8, 0.3))
+    with pytest.raises(PlanError, match=r"must not increase \(pruning is monotone\)"):
+        plan.tokens_per_block(timm.create_model("deit_tiny_patch16_224"))
 
 
 def test_tokens_per_block_deit():

@@ -225,3 +225,40 @@ def test_calibrate_command_measures_spread_plans_and_stores_them(tmp_path, model
     assert len(meta["calibration"][MODEL]["points"]) == 3 and meta["calibration"][MODEL]["scale"] > 0
     pred = runner.invoke(main, ["predict", "--model", MODEL, "--keep", "0.7", "--tables", str(tmp_path)])
     assert "calibrated ×" in pred.output
+
+
+def test_pit_parts_tokens_and_prediction_follow_its_grids(tmp_path):
+    """PiT: one block signature per stage, the pooling layers at a fixed cost, selectors at each
+    stage's width, a head on the class tokens; counts restart at every grid and packages carry."""
+    name, methods = "pit_demo_digits", ("spvit", "hard", "evit")
+    model = create_model(name).eval()
+    kinds = [p.kind for p in model_parts(model, methods)]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"stem": 1, "block": 3, "downsample": 2, "selector": 9,
+                                                        "head": 1}  # fmt: skip
+    latency = PlanLatency(LatencyTable.open(_synthetic_table(tmp_path, model, parts=methods)), model, name)
+    layout, rng = latency.layout, random.Random(0)
+    images = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    import torch
+
+    for _ in range(25):
+        locs = tuple(sorted(rng.sample(range(1, 7), rng.randint(1, 4))))
+        keep = layout.cumulative_keep(locs, [rng.choice([1.0, rng.uniform(0.2, 1.0)]) for _ in locs])
+        plan = sp.PruningPlan(locations=locs, keep=keep, method=rng.choice(["spvit", "hard"]))
+        with torch.no_grad():
+            sp.prune(model, plan)(torch.from_numpy(images))
+        tokens, _ = latency.tokens(np.array([plan.keep]), plan.locations, plan.package_token)
+        assert sp.pruning_state(model).token_counts == list(tokens[0]), plan
+    curve = lambda n: 0.5 + 0.01 * n + 1e-5 * n * n  # noqa: E731
+    plan = sp.PruningPlan(locations=(1, 3, 6), keep=(0.6, 0.5, 0.75))
+    pred = latency.predict(plan)
+    tokens = plan.tokens_per_block(sp.unprune(model))
+    # class token + patches (+ this grid's package) | the packages of earlier grids ride in the prefix
+    assert tokens == (226, 1 + 135 + 1, 1 + 1 + 64, 2 + 32 + 1, 2 + 32 + 1, 1 + 2 + 16, 3 + 12 + 1)
+    assert pred.selectors_ms == pytest.approx([curve(226), curve(66), curve(19)])
+    assert pred.downsample_ms == pytest.approx(2 * curve(1))
+    expected = curve(226) + 2 * curve(1) + sum(curve(n) for n in tokens) + sum(pred.selectors_ms) + curve(1)
+    assert pred.total_ms == pytest.approx(expected)
+    many = latency.predict_many(np.array([plan.keep, (1.0, 1.0, 1.0)]), plan.locations, "spvit", calibrated=False)
+    assert many[0] == pytest.approx(pred.parts_ms)
+    assert many[1] == pytest.approx(curve(226) + 2 * curve(1) + curve(1) + sum(curve(n) for n in (226,) * 2 + (65,) * 3
+                                                                                   + (17,) * 2))  # fmt: skip

@@ -6,7 +6,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import set_fused_attn
+from conftest import ContentScorer, set_fused_attn
 from torch import nn
 
 import spvit_search as sp
@@ -73,39 +73,13 @@ def test_eval_is_deterministic_batch_consistent_and_counts_tokens(key, method):
     assert last == model.num_prefix_tokens + kept_count(0.343, n_patches) + (3 if plan.package_token else 0)
 
 
-class _ContentScorer(nn.Module):
-    """Test double of a learned scorer with decisions fixed by token content.
-
-    It keeps the top-k tokens (by a fixed projection) among those still kept, with log-probs
-    so sharp that Gumbel noise cannot flip them (P ~ 2e-9), and distinct keep probabilities
-    for the pruned tokens so the package token's weighting is exercised.
-    """
-
-    learned = True
-
-    def __init__(self, dim: int, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.register_buffer("w", torch.randn(dim))
-
-    def forward(self, x, policy=None):
-        s = x @ self.w
-        if policy is not None:
-            s = s.masked_fill(policy <= 0, float("-inf"))
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter(1, s.topk(self.k, dim=1).indices, True)
-        shade = 3 * torch.sigmoid(s.nan_to_num(neginf=0.0) / 10)
-        logp_keep = torch.where(keep, torch.zeros_like(s), -20.0 - shade)
-        logp_drop = torch.where(keep, -20.0 - shade, torch.zeros_like(s))
-        return torch.stack([logp_drop, logp_keep], dim=-1)
-
-
 def test_training_masks_equal_inference_gather_for_the_same_decisions():
     """Masked training forward == gathered inference forward: one package-token definition."""
     model = _make("deit_tiny")
     plan = sp.PruningPlan(locations=(3, 6, 9), keep=(0.7, 0.49, 0.343), method="spvit")
     sp.prune(model, plan)
     for loc, keep in zip(plan.locations, plan.keep, strict=True):
-        model.blocks[loc].token_selector.scorer = _ContentScorer(model.embed_dim, kept_count(keep, 196))
+        model.blocks[loc].token_selector.scorer = ContentScorer(model.embed_dim, kept_count(keep, 196))
     x = torch.randn(4, 3, 224, 224)
     with torch.no_grad():
         gathered = model.eval()(x)

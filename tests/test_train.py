@@ -206,7 +206,7 @@ def test_selector_hint_teaches_the_teachers_class_attention_ranking():
     student.load_state_dict(teacher.state_dict())
     plan = sp.PruningPlan(locations=(2, 4), keep=(0.5, 0.25), method="spvit")
     sp.prune(student, plan)
-    hint = SelectorHint(teacher, plan.locations, teacher.num_prefix_tokens)
+    hint = SelectorHint(teacher, plan.locations)
     selectors = [p for n, p in student.named_parameters() if "token_selector" in n]
     optimizer = torch.optim.Adam(selectors, lr=3e-3)
     images = torch.randn(16, 3, 32, 32)

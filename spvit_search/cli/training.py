@@ -93,14 +93,14 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
     from ..data import num_classes
     from ..errors import SpvitError
     from ..losses import LatencyPenalty
-    from ..models import build_model
+    from ..models import build_model, create_model
     from ..plan import PruningPlan
     from ..train import TrainConfig, fit
 
     given = PruningPlan.load(plan_file)
     if given.model is None:
         raise SpvitError(f"{plan_file} names no model (key 'model')")
-    plan = given.without_idle_stages()
+    plan = given.without_idle_stages(create_model(given.model))
     if plan != given:
         click.echo(f"stages that prune nothing dropped: selectors before blocks {list(plan.locations)}")
     classes = num_classes(data)

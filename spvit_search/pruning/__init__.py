@@ -6,10 +6,11 @@ from torch import nn
 
 from ..plan import PruningPlan
 from ._base import ModelFamily, UnsupportedModelError
+from .pit import PitFamily
 from .state import PruneState
 from .vit import VitFamily
 
-FAMILIES: list[ModelFamily] = [VitFamily()]
+FAMILIES: list[ModelFamily] = [VitFamily(), PitFamily()]
 
 
 def family_for(model: nn.Module) -> ModelFamily:

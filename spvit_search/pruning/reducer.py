@@ -64,6 +64,8 @@ class TokenReducer(nn.Module):
             state.num_patches = x.shape[1] - state.num_prefix - state.num_packages
         if self.keep >= self.previous_keep:  # in training too: it removes no token at inference
             return x
+        if hasattr(self.scorer, "num_prefix"):  # class attention is read past this stage's prefix
+            self.scorer.num_prefix = state.num_prefix
         if self.training and self.scorer.learned:
             return self._mask(x, state)
         return self._gather(x, state)
@@ -78,6 +80,8 @@ class TokenReducer(nn.Module):
         keep_logp = _keep_logp(self.scorer, patches)  # (B, n)
         # Kept tokens come in score order: blocks are permutation-equivariant after the position
         # embedding, and LiteRT has no kernel for sorting them back into image order.
+        if state.positions is not None:
+            return self._gather_and_park(x, keep_logp, k, state)
         if not self.package_token:
             kept = gather_tokens(patches, keep_logp.topk(k, dim=1, sorted=True).indices)
             return torch.cat([x[:, :p], kept, x[:, p + n :]], dim=1)
@@ -87,6 +91,21 @@ class TokenReducer(nn.Module):
         package = fold_ranked_tail(ranked, scores, k)
         state.num_packages += 1
         return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], package], dim=1)
+
+    def _gather_and_park(self, x: torch.Tensor, keep_logp: torch.Tensor, k: int, state: PruneState) -> torch.Tensor:
+        """Like ``_gather``, but the pruned tokens are parked with their grid positions, unchanged,
+        for the family to put back into the grid at the end of the stage."""
+        p, n_pkg = state.num_prefix, state.num_packages
+        n = x.shape[1] - p - n_pkg
+        patches = x[:, p : p + n]
+        scores, order = keep_logp.topk(n, dim=1, sorted=True)
+        ranked = gather_tokens(patches, order)
+        positions = gather_tokens(state.positions.unsqueeze(-1), order)[..., 0]
+        state.parked.append((ranked[:, k:], positions[:, k:]))
+        state.positions = positions[:, :k]
+        tail = [fold_ranked_tail(ranked, scores, k)] if self.package_token else []
+        state.num_packages += len(tail)
+        return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], *tail], dim=1)
 
     def _mask(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
         p, n = state.num_prefix, state.num_patches

@@ -30,6 +30,10 @@ class PruneState:
     keep_logp: list[torch.Tensor] = field(default_factory=list)  # train: (B, num_patches) selector output, per stage
     token_counts: list[int] = field(default_factory=list)  # tokens entering each block
     token_size: torch.Tensor | None = None  # merging: (B, N, 1) original patches per token, None before a merge
+    # Grid restoration (families whose grid is needed again after a stage, e.g. PiT's pooling):
+    positions: torch.Tensor | None = None  # eval: (B, n) grid position of each current patch token
+    parked: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # eval: pruned (tokens, positions)
+    prefix_policy: torch.Tensor | None = None  # train: (B, num_prefix) keep mask of the prefix (carried packages)
 
     def reset(self) -> None:
         self.num_patches = None
@@ -43,6 +47,9 @@ class PruneState:
         self.keep_logp = []
         self.token_counts = []
         self.token_size = None
+        self.positions = None
+        self.parked = []
+        self.prefix_policy = None
 
     @property
     def differentiable_fraction(self) -> list[torch.Tensor]:
@@ -60,7 +67,8 @@ class PruneState:
         if self.patch_policy is None:
             return None
         p = self.patch_policy
-        parts = [p.new_ones(p.shape[0], self.num_prefix), p, *self.package_policy]
+        prefix = self.prefix_policy if self.prefix_policy is not None else p.new_ones(p.shape[0], self.num_prefix)
+        parts = [prefix, p, *self.package_policy]
         return torch.cat(parts, dim=1)
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """Token pruning for timm's ``VisionTransformer`` family (ViT, DeiT, DeiT distilled, DeiT-III, …).
 
-The model keeps its own forwards. Its class is swapped for a subclass that resets the shared
+One stage: every block works on the same ``prefix + patches`` sequence. The model keeps its
+own forwards. Its class is swapped for a subclass that resets the shared
 :class:`PruneState` before ``forward_features`` and pools masked tokens out in training; each
 block's class for a subclass that runs the stage's :class:`TokenReducer` (only at selector
 locations), records the token count and passes the training mask as timm's ``attn_mask``.
@@ -14,11 +15,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..plan import PlanError, PruningPlan, kept_count
-from ._base import ModelFamily, UnsupportedModelError, swap_class, unswap_class
-from .merge import KeyReader, TokenMerger
-from .reducer import TokenReducer
-from .selector import ClsAttentionScorer, MultiHeadTokenSelector, PreviousQkv
+from ..blocks import HEAD_FRACTIONS, HeadPart, InputSpec, ModelPart, Part, block_signature, token_grid
+from ..models import input_shape
+from ..plan import PlanError, PruningPlan
+from ._base import ModelFamily, UnsupportedModelError
+from .layout import ModelLayout, Stage
+from .parts import stage_block_parts, stage_selector_parts
 from .state import PruneState
 
 
@@ -46,10 +48,14 @@ class _PrunedBlock:
     """Mixin for a block: optional token reduction first, then timm's own forward with the mask."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        state: PruneState = self._spvit_state
+        return self._run(self._reduce(x), attn_mask, is_causal)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         reducer = self._modules.get("token_selector")
-        if reducer is not None:
-            x = reducer(x, state)
+        return x if reducer is None else reducer(x, self._spvit_state)
+
+    def _run(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        state: PruneState = self._spvit_state
         state.token_counts.append(x.shape[1])
         bias = state.attn_bias(x.dtype)
         if bias is not None:
@@ -69,11 +75,26 @@ class VitFamily(ModelFamily):
     def supports(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
 
-    def depth(self, model: nn.Module) -> int:
-        return len(model.blocks)
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
+    def layout(self, model: nn.Module) -> ModelLayout:
+        blocks = self.blocks(model)
+        prefix, patches = model.num_prefix_tokens, model.patch_embed.num_patches
+        stage = Stage(0, len(blocks), patches, prefix, model.embed_dim, blocks[0].attn.num_heads)
+        return ModelLayout(
+            family=self.name,
+            stages=(stage,),
+            stem=_stem_signature(model),
+            stem_tokens=prefix + patches,
+            blocks=tuple(block_signature(b) for b in blocks),
+            proportional_blocks=tuple(block_signature(b, proportional=True) for b in blocks),
+            head=_head_signature(model),
+            head_tokens=None,
+        )
 
     def check(self, model: nn.Module, plan: PruningPlan) -> None:
-        plan.check_depth(len(model.blocks))
+        self.layout(model).check(plan)
         for i, blk in enumerate(model.blocks):
             if "attn_mask" not in inspect.signature(type(blk).forward).parameters:
                 raise UnsupportedModelError(
@@ -102,71 +123,53 @@ class VitFamily(ModelFamily):
                 "supported pools: 'token', 'avg'"
             )
 
-    def patch(self, model: nn.Module, plan: PruningPlan) -> nn.Module:
-        self.check(model, plan)
-        current: PruningPlan | None = getattr(model, "spvit_plan", None)
-        same_layout = current is not None and (current.method, current.locations, current.package_token) == (
-            plan.method,
-            plan.locations,
-            plan.package_token,
+    def mixins(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
+        return [(model, _PrunedViT), *((blk, _PrunedBlock) for blk in model.blocks)]
+
+    # -- measured parts and the search's cached prefix ---------------------------------------
+    def parts(self, model: nn.Module, methods: tuple[str, ...]) -> list[Part]:
+        layout = self.layout(model)
+        stage = layout.stages[0]
+        image = (InputSpec("image", input_shape(model), image=True),)
+        parts = [Part("stem", layout.stem, _Stem(model), image, (layout.stem_tokens,), dynamic=False)]
+        parts += stage_block_parts(self.blocks(model), stage, methods, set())
+        has_cls = bool(getattr(model, "has_class_token", False))
+        parts += stage_selector_parts(stage, model.blocks[0].attn, has_cls, methods, set())
+        head_grid = token_grid(stage.prefix, stage.patches, HEAD_FRACTIONS)
+        parts.append(
+            Part("head", layout.head, HeadPart(model), (InputSpec("x", (stage.dim,)),), head_grid, dynamic=True)
         )
-        if current is not None and not same_layout:
-            self.unpatch(model)
-        if same_layout:  # keep trained selectors, change only how many tokens they keep
-            for loc, keep, previous in zip(plan.locations, plan.keep, (1.0, *plan.keep), strict=False):
-                reducer = model.blocks[loc].token_selector
-                reducer.keep, reducer.previous_keep = keep, previous
-        else:
-            self._install(model, plan)
-        model.spvit_plan = plan
-        return model
+        return parts
 
-    def _install(self, model: nn.Module, plan: PruningPlan) -> None:
-        state = PruneState(num_prefix=model.num_prefix_tokens)
-        model._spvit_state = state
-        swap_class(model, _PrunedViT)
-        for blk in model.blocks:
-            blk._spvit_state = state
-            swap_class(blk, _PrunedBlock)
-        ref = next(model.parameters())
-        for loc, keep, previous_keep in zip(plan.locations, plan.keep, (1.0, *plan.keep), strict=False):
-            blk = model.blocks[loc]
-            if plan.method == "tome":
-                keys = KeyReader(model.blocks[loc - 1].attn) if loc > 0 else None
-                blk.token_selector = TokenMerger(keep, keys, previous_keep=previous_keep)
-                continue
-            if plan.spec.learned_selector:
-                scorer = MultiHeadTokenSelector(model.embed_dim, blk.attn.num_heads, prior_keep=keep / previous_keep)
-            else:
-                scorer = ClsAttentionScorer(model.blocks[loc - 1].attn, model.num_prefix_tokens)
-            reducer = TokenReducer(scorer, keep, plan.package_token, previous_keep=previous_keep)
-            reducer = reducer.to(device=ref.device, dtype=ref.dtype)
-            reducer.train(model.training)
-            blk.token_selector = reducer
+    def embed(self, model: nn.Module, images: torch.Tensor, first_block: int) -> torch.Tensor:
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for block in list(model.blocks)[:first_block]:
+            x = block(x)
+        return x
 
-    def unpatch(self, model: nn.Module) -> nn.Module:
-        for blk in model.blocks:
-            reducer = blk._modules.pop("token_selector", None)
-            for hooked in reducer.modules() if reducer is not None else ():
-                if isinstance(hooked, PreviousQkv):
-                    hooked.remove()
-            unswap_class(blk, _PrunedBlock)
-            blk.__dict__.pop("_spvit_state", None)
-        unswap_class(model, _PrunedViT)
-        model.__dict__.pop("_spvit_state", None)
-        model.__dict__.pop("spvit_plan", None)
-        return model
+    def forward_from(self, model: nn.Module, x: torch.Tensor, first_block: int) -> torch.Tensor:
+        state = getattr(model, "_spvit_state", None)
+        if state is not None:
+            state.reset()
+        for block in list(model.blocks)[first_block:]:
+            x = block(x)
+        return model.forward_head(model.norm(x))
 
-    def tokens_per_block(self, model: nn.Module, plan: PruningPlan) -> tuple[int, ...]:
-        plan.check_depth(len(model.blocks))
-        num_patches = model.patch_embed.num_patches
-        stage_keep = dict(zip(plan.locations, plan.keep, strict=True))
-        n, packages, counts = num_patches, 0, []
-        for i in range(len(model.blocks)):
-            keep = stage_keep.get(i, 1.0)
-            k = kept_count(keep, num_patches)
-            if keep < 1.0 and k < n:
-                n = k
-                packages += int(plan.package_token)
-            counts.append(model.num_prefix_tokens + n + packages)
-        return tuple(counts)
+
+class _Stem(ModelPart):
+    """Patch and position embedding: the sequence entering the first block."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(image))))
+
+
+def _stem_signature(model: nn.Module) -> str:
+    c, h, w = input_shape(model)
+    ph, pw = model.patch_embed.patch_size
+    tokens = model.num_prefix_tokens + model.patch_embed.num_patches
+    return f"stem-vit-c{c}-i{h}x{w}-p{ph}x{pw}-d{model.embed_dim}-t{tokens}"
+
+
+def _head_signature(model: nn.Module) -> str:
+    return f"head-vit-d{model.embed_dim}-c{model.num_classes}-{model.global_pool or 'none'}"
