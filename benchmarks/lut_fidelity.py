@@ -3,7 +3,8 @@
 For each model and thread count on the local device:
 
 1. ``spvit-search profile`` into a fresh table (or ``--tables DIR`` to use existing ones);
-2. seeded random plans (method, 3 selector locations, non-increasing keep ratios), plus the
+2. seeded random plans (method, 3 selector locations, keep ratios not rising within a token
+   grid), plus the
    calibration plans of `spvit-search calibrate` (dense + 4 plans spread down to ~35% of its
    latency) — calibration never sees the plans it is judged on;
 3. every plan exported to ONNX and measured end to end, all interleaved in one session;
@@ -34,26 +35,28 @@ from spvit_search.models import create_model
 from spvit_search.plan import PROFILED_BY_DEFAULT
 from spvit_search.predictor import PlanLatency, calibration_plans, fit_calibration
 from spvit_search.profile import profile_model
+from spvit_search.pruning import family_for
 
 
-def random_plan(rng: random.Random, depth: int, model_name: str) -> sp.PruningPlan:
-    locations = tuple(sorted(rng.sample(range(1, depth), 3)))
-    keep, k = [], 1.0
-    for _ in locations:
-        k *= rng.uniform(0.45, 1.0)
-        keep.append(round(k, 3))
+def random_plan(rng: random.Random, layout, model_name: str) -> sp.PruningPlan:
+    """3 locations, a keep factor in [0.45, 1] each, multiplied within each token grid."""
+    locations = tuple(sorted(rng.sample(range(1, layout.depth), 3)))
+    keep = layout.cumulative_keep(locations, [rng.uniform(0.45, 1.0) for _ in locations])
     method = rng.choice(PROFILED_BY_DEFAULT)
-    return sp.PruningPlan(locations=locations, keep=tuple(keep), method=method, model=model_name)
+    if method == "evit" and any(loc == layout.stage_at(loc).start for loc in locations):
+        method = rng.choice(("spvit", "hard"))  # EViT reads the block before, which must share the grid
+    return sp.PruningPlan(locations=locations, keep=tuple(round(k, 3) for k in keep), method=method,
+                          model=model_name)  # fmt: skip
 
 
 def run_case(model_name: str, threads: int, n_plans: int, tables: Path, seed: int, rounds: int) -> dict:
     device = DeviceRegistry.load().get("local").model_copy(update={"threads": threads})
     profile_model(device, model_name, root=tables, progress=False)
     base = create_model(model_name).eval()
-    depth = len(base.blocks)
+    layout = family_for(base).layout(base)
     rng = random.Random(seed)
-    calibration = calibration_plans(depth, model_name, 5)
-    plans = [random_plan(rng, depth, model_name) for _ in range(n_plans)]
+    calibration = calibration_plans(layout.depth, model_name, 5)
+    plans = [random_plan(rng, layout, model_name) for _ in range(n_plans)]
     models = {}
     for i, plan in enumerate(calibration + plans):
         m = create_model(model_name).eval()
@@ -74,7 +77,7 @@ def run_case(model_name: str, threads: int, n_plans: int, tables: Path, seed: in
     err_cal = cal(eval_raw) / eval_meas - 1
 
     rng_cost = random.Random(1)
-    probe = [random_plan(rng_cost, depth, model_name) for _ in range(500)]
+    probe = [random_plan(rng_cost, layout, model_name) for _ in range(500)]
     start = time.perf_counter()
     for p in probe:
         latency.predict(p)

@@ -57,3 +57,27 @@ def test_profile_local_litert_runtime(tmp_path):
     assert len(table.rows) == 1 + 2 + 2 + 2  # stem, block, evit selector, head
     assert table.rows.runtime_version.iloc[0].startswith("ai-edge-litert")
     assert (table.rows.median_ms > 0).all()
+
+
+def test_profile_pit_measures_its_grids_then_predicts_and_measures(tmp_path):
+    """A PiT: blocks and selectors at each grid's width, the pooling layers, a class-token head;
+    then `predict` reads that table and refuses a plan whose ratios rise within a grid."""
+    name = "pit_demo_digits"
+    runner = CliRunner()
+    common = ["--device", "local", "--model", name, "--out", str(tmp_path)]
+    result = runner.invoke(main, ["profile", *common, "--rounds", "2", "--runs", "3"])
+    assert result.exit_code == 0, result.output
+    table = LatencyTable.open(tmp_path / "local" / "onnxruntime-t1-b1.csv")
+    parts = model_parts(create_model(name))
+    expected = {(p.signature, n) for p in parts for n in p.grid}
+    assert {(r.signature, r.tokens) for r in table.rows.itertuples()} == expected
+    assert {p.kind for p in parts} == {"stem", "block", "downsample", "selector", "head"}
+    plan = ["--keep", "0.6,0.5,0.75", "--locations", "1,3,6", "--tables", str(tmp_path)]
+    predicted = runner.invoke(main, ["predict", "--model", name, *plan, "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    data = json.loads(predicted.output)
+    assert data["tokens_per_block"] == [226, 137, 66, 35, 35, 19, 16]
+    assert data["breakdown_ms"]["downsample"] > 0 and len(data["breakdown_ms"]["selectors"]) == 3
+    rising = runner.invoke(main, ["predict", "--model", name, "--keep", "0.5,0.7", "--locations", "2,3",
+                                  "--tables", str(tmp_path)])  # fmt: skip
+    assert rising.exit_code == 2 and "must not increase within stage 1 (blocks 2..4)" in rising.output

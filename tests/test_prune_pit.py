@@ -193,3 +193,18 @@ def test_search_cache_and_rest_give_the_full_forward(key):
     for first_block in (0, locations[0] - 1):
         evaluator = PlanEvaluator(sp.unprune(copy.deepcopy(model)), images, labels, first_block, batch_size=4)
         assert evaluator.evaluate(plan) == 100.0, first_block
+
+
+@pytest.mark.parametrize("method", ["spvit", "evit"])
+def test_onnx_and_tflite_of_pruned_pit_s_match_torch(tmp_path, method):
+    from spvit_search.export import export_tflite, onnx_max_abs_diff, tflite_runner
+
+    model = _make("pit_s")
+    sp.prune(model, _plan("pit_s", method=method))
+    images = _image(model, 1)
+    assert onnx_max_abs_diff(model, sp.export_onnx(model, tmp_path / "m.onnx"), images) <= 1e-4
+    if method == "spvit":  # one TFLite conversion: about a minute on two cores
+        with torch.no_grad():
+            expected = model(images).numpy()
+        out = tflite_runner(export_tflite(model, tmp_path / "m.tflite"))(images.numpy())
+        assert abs(out - expected).max() <= 1e-4

@@ -54,7 +54,9 @@ def build_plan(model, model_name: str, keep: str, locations: str | None, method:
     depth = family_for(model).depth(model)
     keep_t = parse_list(keep, float, "--keep")
     locs = parse_list(locations, int, "--locations") or default_locations(depth, len(keep_t))
-    return PruningPlan(locations=locs, keep=keep_t, method=method, package_token=package_token, model=model_name)
+    plan = PruningPlan(locations=locs, keep=keep_t, method=method, package_token=package_token, model=model_name)
+    family_for(model).check(model, plan)  # the model's own rules (token grids, what each method needs)
+    return plan
 
 
 def devices_option(fn):

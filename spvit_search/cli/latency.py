@@ -143,8 +143,10 @@ def predict(device_name, model_name, keep, locations, method, package_token, thr
     click.echo(f"{model_name} {plan.method} keep={list(plan.keep)} at {list(plan.locations)} on {device.name} "
                f"({device.runtime}, {device.threads} thread(s)), table {latency.table.path}")  # fmt: skip
     click.echo(f"  {prediction_line(pred)}")
-    stages = [0, *plan.locations, len(pred.blocks_ms)]
-    click.echo(f"  stem {pred.stem_ms:.3f} ms | head {pred.head_ms:.3f} ms | selectors "
+    grids = [stage.start for stage in latency.layout.stages]
+    stages = sorted({0, *plan.locations, *grids, len(pred.blocks_ms)})
+    pooling = f" | downsampling {pred.downsample_ms:.3f} ms" if len(grids) > 1 else ""
+    click.echo(f"  stem {pred.stem_ms:.3f} ms{pooling} | head {pred.head_ms:.3f} ms | selectors "
                + ", ".join(f"{s:.3f}" for s in pred.selectors_ms) + " ms")  # fmt: skip
     for a, b in itertools.pairwise(stages):
         if b > a:
