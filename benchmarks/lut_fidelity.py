@@ -55,7 +55,7 @@ def run_case(model_name: str, threads: int, n_plans: int, tables: Path, seed: in
     base = create_model(model_name).eval()
     layout = family_for(base).layout(base)
     rng = random.Random(seed)
-    calibration = calibration_plans(layout.depth, model_name, 5)
+    calibration = calibration_plans(base, model_name, 5)
     plans = [random_plan(rng, layout, model_name) for _ in range(n_plans)]
     models = {}
     for i, plan in enumerate(calibration + plans):

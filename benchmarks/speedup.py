@@ -2,7 +2,9 @@
 
 onnxruntime on this CPU, 1 thread (spinning off), batch 1 or ``--batch``, dense vs pruned by
 one plan for each method (DeiT-S: (0.7, 0.49, 0.343) before blocks (3, 6, 9); PiT-S with
-``--model pit_s_224 --locations 1,3,9 --keep 0.5,0.45,0.45``: one location per grid). All ONNX
+``--model pit_s_224 --locations 1,3,9 --keep 0.5,0.45,0.45``: one location per grid; Swin-T
+with ``--model swin_tiny_patch4_window7_224 --locations 0,2,4 --keep 0.5,0.5,0.5``: half the
+windows of stages 0-2, its methods ``spvit`` and ``norm``). All ONNX
 sessions run interleaved in shuffled order per round (profilers/protocol.py); figures are
 medians.
 
@@ -14,6 +16,8 @@ medians.
   For ``tome`` it is matching, merging and proportional attention in the later blocks (goal <= 3%).
   On a model with several grids (PiT) the baseline parks the sliced-off tokens in order and puts
   the grid back by concatenation, so the overhead also holds the restore's permutation (goal <= 3%).
+  On Swin the baseline computes the first k windows of each pruned block and carries the rest in
+  order: the overhead is the scoring, the ranking of windows and the restore's permutation.
 
     python benchmarks/speedup.py [--model deit_small_patch16_224] [--batch 1] [--rounds 7] [--json out.json]
 """
@@ -35,7 +39,7 @@ import spvit_search as sp
 from profilers.protocol import measure_interleaved
 from spvit_search.export import INPUT_NAME, onnx_session
 from spvit_search.models import create_model, input_shape
-from spvit_search.pruning import family_for, pit
+from spvit_search.pruning import family_for, pit, swin
 
 
 class _Slice(nn.Module):
@@ -74,9 +78,29 @@ def _in_order(kept, positions, parked):
     return torch.cat([kept, *(tokens for tokens, _ in reversed(parked))], dim=1)
 
 
+def _first_windows(self, x, logp, selector, first):
+    """Selection-free stand-in for a Swin block's window pruning: the first k windows of the
+    partition are computed and the others carried, through the same two gathers, with indices
+    fixed in advance (no score, no ranking, no inverse permutation)."""
+    b, h, w, c = x.shape
+    index = self.spvit_window_index
+    area, windows = index.area, index.windows
+    k = sp.plan.kept_count(selector.keep, windows)
+    tokens = torch.cat([x.reshape(b, h * w, c), x.new_zeros(b, 1, c)], dim=1)
+    raw = tokens[:, index.tokens[: k * area]].reshape(b * k, area, c)
+    valid = index.valid[: k * area].reshape(1, k, area, 1).expand(b, -1, -1, -1).reshape(b * k, area, 1)
+    mask = None if self.attn_mask is None else self.attn_mask[:k].repeat(b, 1, 1)
+    computed = self._compute(raw, valid, mask)
+    source = torch.where(index.window_of < k, index.window_of * area + index.offset_in, k * area + index.position)
+    both = torch.cat([computed.reshape(b, k * area, c), x.reshape(b, h * w, c)], dim=1)
+    return both[:, source].reshape(b, h, w, c)
+
+
 def _slice_baseline(model: nn.Module, plan: sp.PruningPlan) -> nn.Module:
     tokens = plan.tokens_per_block(model)
     family = family_for(model)
+    if family.name == "swin":  # the selectors stay; their scores are replaced at export
+        return model
     blocks = family.blocks(model)
     for loc in plan.locations:
         grids = len(family.layout(model).stages) > 1
@@ -85,12 +109,16 @@ def _slice_baseline(model: nn.Module, plan: sp.PruningPlan) -> nn.Module:
 
 
 def _export_baseline(model: nn.Module, path: Path, batch: int) -> Path:
-    original = pit._restore
-    pit._restore = _in_order  # the restore without its permutation, for this export only
+    """Export with the selection replaced (for this export only): PiT's restore without its
+    permutation; Swin's window pruning without scores or ranking."""
+    saved = (pit._restore, swin._PrunedSwinBlock._forward_windows, swin.WindowSelector.token_logp)
+    pit._restore = _in_order
+    swin._PrunedSwinBlock._forward_windows = _first_windows
+    swin.WindowSelector.token_logp = lambda self, x: x[..., 0]
     try:
         return sp.export_onnx(model, path, batch_size=batch)
     finally:
-        pit._restore = original
+        pit._restore, swin._PrunedSwinBlock._forward_windows, swin.WindowSelector.token_logp = saved
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,10 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="spvit-speedup-"))
     dense = create_model(args.model).eval()
-    grids = len(family_for(dense).layout(dense).stages) > 1
-    methods = ("spvit", "hard", "evit") if grids else ("spvit", "hard", "evit", "tome")
+    methods = family_for(dense).methods
     macs = {"dense": sp.count_flops(dense).macs}
     files = {"dense": sp.export_onnx(dense, tmp / "dense.onnx", batch_size=args.batch)}
+    if family_for(dense).name == "swin":
+        # timm's -100 shift masks give denormal softmax weights (slow on x86); pruning uses exact
+        # zeros, so the dense reference does too (keep 1 everywhere: timm's forward, its outputs);
+        # timm's own model is measured beside it and reported
+        files["dense-timm"] = files["dense"]
+        dense_plan = sp.PruningPlan(locations=locations, keep=(1.0,) * len(locations), method="norm")
+        exact = sp.prune(create_model(args.model).eval(), dense_plan)
+        files["dense"] = sp.export_onnx(exact, tmp / "dense-exact-mask.onnx", batch_size=args.batch)
     for method in methods:
         plan = sp.PruningPlan(locations=locations, keep=keep, method=method)
         model = sp.prune(create_model(args.model).eval(), plan)
@@ -156,9 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
         "runtime": f"onnxruntime {ort.__version__}",
         "host": platform.processor() or platform.machine(),
         "dense_ms": round(dense_ms, 2),
+        **({"dense_timm_masks_ms": round(timing["dense-timm"].median_ms, 2)} if "dense-timm" in timing else {}),
         "rows": rows,
     }
     print(f"{args.model} dense {dense_ms:.2f} ms  (ORT {ort.__version__}, {args.threads} thread, batch {args.batch})")
+    if "dense-timm" in timing:
+        timm_ms = timing["dense-timm"].median_ms
+        print(f"  timm's own dense model (-100 shift masks, denormal softmax weights): {timm_ms:.2f} ms")
     print(f"{'method':8} {'ms':>8} {'speedup':>8} {'FLOPs red.':>10} {'ratio':>6} {'overhead':>9}")
     for r in rows:
         print(

@@ -136,12 +136,15 @@ class LatencyPenalty(nn.Module):
             kept, packages = torch.tensor(float(stage.patches)), 0
             for block in stage.blocks:
                 if block in fraction:
-                    entering = stage.prefix + carried + kept + packages
+                    entering = stage.prefix + carried + packages
+                    entering = entering + (stage.patches if layout.selector_sees_grid else kept) * stage.unit
                     a, b, c = self._sels[s_idx]
                     selector = selector + a + b * entering + c * entering * entering
-                    packages += int(self.plan.package_token)
+                    packages += int(self.plan.package_token and layout.package_tokens)
                     kept = fraction[block].mean() * stage.patches
-                tokens.append(torch.as_tensor(stage.prefix + carried + kept + packages, dtype=torch.float32))
+                tokens.append(
+                    torch.as_tensor(stage.prefix + carried + kept * stage.unit + packages, dtype=torch.float32)
+                )
             if layout.carry_packages:
                 carried += packages
         t = torch.stack(tokens)

@@ -71,11 +71,11 @@ def calibrate(device: DeviceConfig, model_name: str, root: str | Path = "latency
     """Measure ``calibration_plans`` end to end and store this model's calibration in the table."""
     from .models import create_model
     from .predictor import PlanLatency, calibration_plans
-    from .pruning import family_for, prune
+    from .pruning import prune
 
     base = create_model(model_name, checkpoint=checkpoint).eval()
     latency = PlanLatency.for_device(device, base, model_name, root=root)
-    plans = calibration_plans(family_for(base).depth(base), model_name, count)
+    plans = calibration_plans(base, model_name, count)
     models = {}
     for i, plan in enumerate(plans):
         model = create_model(model_name, checkpoint=checkpoint).eval()

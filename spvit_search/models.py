@@ -108,7 +108,7 @@ def build_model(
         num_classes = state["head.weight"].shape[0]
     _check_name(name)
     model = _member_for(name, state, {} if num_classes is None else {"num_classes": num_classes})
-    selectors = sorted({int(k.split(".")[1]) for k in (state or {}) if ".token_selector." in k})
+    selectors = selector_blocks(model, state or {})
     if selectors and (plan is None or not plan.spec.learned_selector):
         raise ModelError(
             f"checkpoint {checkpoint} holds token selectors before blocks {selectors}: "
@@ -124,6 +124,26 @@ def build_model(
     if selectors:
         apply_state(model, state, checkpoint, f"{name} pruned by the plan")
     return model
+
+
+def selector_blocks(model: nn.Module, state: dict) -> list[int]:
+    """Indices (as plan locations count them) of the blocks whose selectors ``state`` holds."""
+    from .pruning import UnsupportedModelError, family_for
+
+    prefixes = {k.split(".token_selector.")[0] for k in state if ".token_selector." in k}
+    if not prefixes:
+        return []
+    try:
+        blocks = family_for(model).blocks(model)
+    except UnsupportedModelError:
+        return []
+    index = {name: i for i, (name, _) in enumerate(_named(model, blocks))}
+    return sorted(index[p] for p in prefixes if p in index)
+
+
+def _named(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(b)], b) for b in blocks]
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:

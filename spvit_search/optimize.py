@@ -31,8 +31,8 @@ from .devices import DeviceConfig
 from .evaluate import PlanEvaluator
 from .latency import table_path
 from .measure import measure_models
-from .models import build_model, read_state
-from .plan import METHODS, PruningPlan, default_locations
+from .models import build_model, create_model, read_state, selector_blocks
+from .plan import METHODS, PruningPlan
 from .predictor import PlanLatency
 from .pruning.layout import ModelLayout
 from .search import (
@@ -104,9 +104,9 @@ def _space(settings: OptimizeSettings, layout: ModelLayout, trained_locations: t
     elif settings.search_locations:
         from itertools import combinations
 
-        sets = tuple(combinations(range(1, depth), settings.stages))
+        sets = tuple(combinations([b for b in range(1, depth) if layout.prunable(b)], settings.stages))
     else:
-        sets = (settings.locations or default_locations(depth, settings.stages),)
+        sets = (settings.locations or layout.default_locations(settings.stages),)
     return SearchSpace(sets, settings.methods, settings.min_factor, settings.step, proxy, layout=layout)
 
 
@@ -122,7 +122,7 @@ def load_search_model(model_name: str, settings: OptimizeSettings):
     if not learned:
         return build_model(model_name, settings.checkpoint).eval(), None, None
     state = read_state(settings.checkpoint) if settings.checkpoint else {}
-    locations = tuple(sorted({int(k.split(".")[1]) for k in state if ".token_selector." in k}))
+    locations = tuple(selector_blocks(create_model(model_name), state)) if state else ()
     if not locations:
         if not settings.checkpoint:
             raise SearchError(

@@ -246,16 +246,17 @@ class PlanLatency:
         return cal
 
 
-def calibration_plans(depth: int, model_name: str, count: int = 5,
-                      methods: tuple[str, ...] = ("spvit", "hard", "evit")) -> list[PruningPlan]:  # fmt: skip
-    """The dense model and plans spread evenly down to ~35% of its latency, methods alternating.
+def calibration_plans(model: nn.Module, model_name: str, count: int = 5,
+                      methods: tuple[str, ...] | None = None) -> list[PruningPlan]:  # fmt: skip
+    """The dense model and plans spread evenly down to ~35% of its latency, methods alternating
+    (by default every method of the model's family but ``tome``).
 
     Spread matters: scale and offset fitted to points that sit close together extrapolate badly
     (seen here: 3 clustered points gave 2.5% median error where 5 spread ones give < 1%).
     """
-    from .plan import default_locations
-
-    locations = default_locations(depth, 3)
+    family = family_for(model)
+    methods = methods or tuple(m for m in family.methods if m != "tome")
+    locations = family.default_locations(model, 3)
     plans = [PruningPlan(locations=locations, keep=(1.0,) * 3, model=model_name)]
     methods = list(methods)
     for i in range(1, count):

@@ -337,6 +337,9 @@ def fit(
     if learned and cfg.selector_hint_weight:
         if teacher is None:
             raise TrainError("the selector hint reads the teacher's class attention: give a teacher")
+        if family_for(model).training_free != "evit":
+            raise TrainError(f"the selector hint reads the teacher's class attention; {family_for(model).name} "
+                             "models have no class token: train without --selector-hint")  # fmt: skip
         before = plan.previous_keep(model)
         acting = [loc for loc, k, b in zip(plan.locations, plan.keep, before, strict=True) if k < b]
         hint = SelectorHint(teacher, tuple(acting))
@@ -383,6 +386,9 @@ def fit(
                     and _token_layout(features, state)
                 ):
                     parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
+                elif learned and cfg.token_distill_weight and features.dim() == 4 and features.shape == t_features.shape:
+                    # a Swin's last grid: every token is there (pruned windows are carried), so all are matched
+                    parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, 0)
                 elif not pruned and cfg.token_distill_weight and features.shape == t_features.shape:
                     prefix = getattr(model, "num_prefix_tokens", 1)
                     parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, prefix)

@@ -1,4 +1,4 @@
-"""Model configs this project registers with timm: small ViTs and PiTs for the embedded data.
+"""Model configs this project registers with timm: small ViTs, PiTs and Swins for the embedded data.
 
 Registered like timm's own entries (a ``default_cfgs`` entry, ``@register_model``, built by
 ``build_model_with_cfg``), so ``timm.create_model("vit_demo_digits")`` works once
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.pit import PoolingVisionTransformer
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 _DIGITS = {"input_size": (3, 32, 32), "num_classes": 10, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
@@ -17,12 +18,15 @@ _FASHION = {"input_size": (1, 32, 32), "num_classes": 10, "mean": (0.2860,), "st
             "interpolation": "bilinear"}  # fmt: skip
 _VIT = {"first_conv": "patch_embed.proj", "classifier": "head"}
 _PIT = {"first_conv": "patch_embed.conv", "classifier": "head"}
+_SWIN = {"first_conv": "patch_embed.proj", "classifier": "head.fc"}
 default_cfgs = generate_default_cfgs(
     {
         "vit_demo_digits": {**_DIGITS, **_VIT},
         "vit_demo_fashion": {**_FASHION, **_VIT},
         "pit_demo_digits": {**_DIGITS, **_PIT},
         "pit_demo_fashion": {**_FASHION, **_PIT},
+        "swin_demo_digits": {**_DIGITS, **_SWIN},
+        "swin_demo_fashion": {**_FASHION, **_SWIN},
     }
 )
 
@@ -65,3 +69,24 @@ def pit_demo_fashion(pretrained: bool = False, **kwargs) -> PoolingVisionTransfo
     """``pit_demo_digits`` with one input channel, for Fashion-MNIST (``--data fashion``)."""
     args = dict(_PIT_DEMO, in_chans=1, **kwargs)
     return build_model_with_cfg(PoolingVisionTransformer, "pit_demo_fashion", pretrained, **args)
+
+
+#: 32×32 input, 2×2 patches, windows of 4×4: grids 16² → 8² → 4² with 16, 4 and 1 windows of 16
+#: tokens (the last stage one window, like Swin-T's 7² at 224), widths 48 → 96 → 192 with 2 → 4 → 8
+#: heads, 2 + 2 + 2 blocks: about the multiply-adds of ``vit_demo_digits``, spread evenly over the
+#: stages. Stochastic depth off: these train for minutes, where it only slows them down.
+_SWIN_DEMO = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 48, "depths": (2, 2, 2),
+              "num_heads": (2, 4, 8), "mlp_ratio": 3.0, "num_classes": 10, "drop_path_rate": 0.0}  # fmt: skip
+
+
+@register_model
+def swin_demo_digits(pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """Swin for the embedded demo data: a hierarchical window transformer small enough to train here."""
+    return build_model_with_cfg(SwinTransformer, "swin_demo_digits", pretrained, **dict(_SWIN_DEMO, **kwargs))
+
+
+@register_model
+def swin_demo_fashion(pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """``swin_demo_digits`` with one input channel, for Fashion-MNIST (``--data fashion``)."""
+    args = dict(_SWIN_DEMO, in_chans=1, **kwargs)
+    return build_model_with_cfg(SwinTransformer, "swin_demo_fashion", pretrained, **args)

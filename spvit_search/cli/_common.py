@@ -39,7 +39,7 @@ def plan_options(fn):
         click.option("--model", "model_name", required=True, help="timm model name, e.g. deit_small_patch16_224"),
         click.option("--keep", required=True, help="cumulative keep ratios per stage, e.g. 0.7,0.49,0.343"),
         click.option("--locations", default=None, help="selector block indices (default: evenly spaced)"),
-        click.option("--method", default="spvit", show_default=True, help="spvit | hard | evit"),
+        click.option("--method", default="spvit", show_default=True, help="spvit | hard | evit | tome | norm (Swin)"),
         click.option("--package-token/--no-package-token", default=None, help="default: the method's"),
     ]
     for option in reversed(options):
@@ -48,12 +48,11 @@ def plan_options(fn):
 
 
 def build_plan(model, model_name: str, keep: str, locations: str | None, method: str, package_token: bool | None):
-    from ..plan import PruningPlan, default_locations
+    from ..plan import PruningPlan
     from ..pruning import family_for
 
-    depth = family_for(model).depth(model)
     keep_t = parse_list(keep, float, "--keep")
-    locs = parse_list(locations, int, "--locations") or default_locations(depth, len(keep_t))
+    locs = parse_list(locations, int, "--locations") or family_for(model).default_locations(model, len(keep_t))
     plan = PruningPlan(locations=locs, keep=keep_t, method=method, package_token=package_token, model=model_name)
     family_for(model).check(model, plan)  # the model's own rules (token grids, what each method needs)
     return plan

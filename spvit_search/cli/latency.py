@@ -203,12 +203,10 @@ def measure(device_name, model_name, keep, locations, method, package_token, pla
     if model_name is not None:
         model = create_model(model_name, checkpoint=checkpoint).eval()
         if plan is None:
-            from ..plan import default_locations
             from ..pruning import family_for
 
-            depth = family_for(model).depth(model)
-            plan = (build_plan(model, model_name, keep, locations, method, package_token) if keep is not None
-                    else PruningPlan(locations=default_locations(depth, 1), keep=(1.0,), model=model_name))  # fmt: skip
+            dense = PruningPlan(locations=family_for(model).default_locations(model, 1), keep=(1.0,), model=model_name)
+            plan = build_plan(model, model_name, keep, locations, method, package_token) if keep is not None else dense
         if not plan.is_dense:
             prune(model, plan)
     target = Path(onnx_file) if onnx_file else model

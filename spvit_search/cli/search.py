@@ -29,7 +29,8 @@ from ._common import (
 @click.option("--calib-images", type=int, default=256, show_default=True)
 @click.option("--objective", type=click.Choice(["accuracy", "agreement"]), default="accuracy", show_default=True,
               help="top-1 vs labels, or vs the dense model's top-1 (no labels needed)")  # fmt: skip
-@click.option("--method", "methods", default="evit", show_default=True, help="method(s), e.g. evit or spvit")
+@click.option("--method", "methods", default=None,
+              help="method(s), e.g. evit or spvit (default: the model's training-free method, evit; norm on Swin)")
 @click.option("--locations", default=None, help="selector locations (default: evenly spaced / the checkpoint's)")
 @click.option("--search-locations", is_flag=True, help="search the locations too (training-free methods)")
 @click.option("--stages", type=int, default=3, show_default=True)
@@ -42,8 +43,9 @@ from ._common import (
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--multi-objective", is_flag=True, help="accuracy vs latency Pareto front")
-@click.option("--proxy", type=click.Choice(["evit", "tome"]), default="evit", show_default=True,
-              help="training-free scorer that places a learned method (spvit, hard) on a plain checkpoint")  # fmt: skip
+@click.option("--proxy", type=click.Choice(["evit", "tome", "norm"]), default=None,
+              help="training-free scorer that places a learned method (spvit, hard) on a plain checkpoint "
+                   "(default: evit; norm on Swin)")  # fmt: skip
 @click.option(
     "--verify-top", type=int, default=3, show_default=True, help="candidates measured on the device (0: none)"
 )
@@ -68,6 +70,15 @@ def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, 
 
     if (target_ms is None) == (target_share is None):
         raise click.UsageError("give one target: --target-ms (absolute) or --target-share (of the unpruned model)")
+    if methods is None or proxy is None:
+        from ..models import create_model
+        from ..pruning import UnsupportedModelError, family_for
+
+        try:
+            training_free = family_for(create_model(model_name)).training_free
+        except UnsupportedModelError as err:
+            raise click.BadParameter(str(err), param_hint="--model") from None
+        methods, proxy = methods or training_free, proxy or training_free
     chosen = parse_list(methods, str, "--method")
     unknown = [m for m in chosen if m not in __import__("spvit_search").METHODS]
     if unknown:

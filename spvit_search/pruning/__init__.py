@@ -8,9 +8,10 @@ from ..plan import PruningPlan
 from ._base import ModelFamily, UnsupportedModelError
 from .pit import PitFamily
 from .state import PruneState
+from .swin import SwinFamily
 from .vit import VitFamily
 
-FAMILIES: list[ModelFamily] = [VitFamily(), PitFamily()]
+FAMILIES: list[ModelFamily] = [VitFamily(), PitFamily(), SwinFamily()]
 
 
 def family_for(model: nn.Module) -> ModelFamily:

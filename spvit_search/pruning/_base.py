@@ -58,6 +58,15 @@ class ModelFamily(ABC):
 
     name: str
     description: str
+    methods: tuple[str, ...]  # the pruning methods this family supports
+    training_free: str = "evit"  # the training-free method that places a learned one on a plain checkpoint
+
+    def check_method(self, plan: PruningPlan) -> None:
+        """Refuse a method this family does not support, naming the ones it does."""
+        if plan.method not in self.methods:
+            raise UnsupportedModelError(
+                f"method {plan.method!r} is not supported on {self.name} models; supported: {', '.join(self.methods)}"
+            )
 
     @abstractmethod
     def supports(self, model: nn.Module) -> bool:
@@ -90,6 +99,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def forward_from(self, model: nn.Module, x: torch.Tensor, first_block: int) -> torch.Tensor:
         """Logits of ``model`` (pruned or not, in eval mode) from ``embed``'s output onwards."""
+
+    def default_locations(self, model: nn.Module, stages: int) -> tuple[int, ...]:
+        """Evenly spaced selector locations among the blocks where this family can prune."""
+        return self.layout(model).default_locations(stages)
 
     def depth(self, model: nn.Module) -> int:
         """Number of blocks a selector location can index."""

@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..plan import PlanError, PruningPlan
+from ..plan import PlanError, PruningPlan, default_locations
 
 
 @dataclass(frozen=True)
 class Stage:
-    """Blocks ``start..stop-1`` working on ``patches`` patch tokens plus ``prefix`` class tokens."""
+    """Blocks ``start..stop-1`` working on ``patches`` units of ``unit`` tokens plus ``prefix`` class tokens.
+
+    A unit is what a selector keeps or prunes: one patch token (ViT, PiT) or one window (Swin).
+    """
 
     start: int
     stop: int
@@ -32,6 +35,7 @@ class Stage:
     prefix: int
     dim: int  # token width: selectors and blocks of this stage are measured at it
     heads: int
+    unit: int = 1  # tokens per pruned unit: 1 (token pruning), a window's area (Swin's window pruning)
 
     @property
     def blocks(self) -> range:
@@ -58,6 +62,8 @@ class ModelLayout:
     head_tokens: int | None
     fixed: tuple[tuple[str, int], ...] = ()
     carry_packages: bool = False  # package tokens enter the next stage with the class tokens
+    package_tokens: bool = True  # False: the family appends none (Swin carries pruned windows instead)
+    selector_sees_grid: bool = False  # True: every selector scores the stage's whole grid (restored per block)
     stage_of_block: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,20 +131,37 @@ class ModelLayout:
         for s_idx, stage in enumerate(self.stages):
             n_prev = np.full(plans, stage.patches, dtype=np.int64)
             packages = np.zeros(plans, dtype=np.int64)
-            tokens[:, stage.start : stage.stop] = (stage.prefix + carried + n_prev)[:, None]
+            unit = stage.unit
+            tokens[:, stage.start : stage.stop] = (stage.prefix + carried + n_prev * unit)[:, None]
             for s, loc in enumerate(locations):
                 if self.stage_of_block[loc] != s_idx:
                     continue
                 k = np.maximum(1, np.floor(keep[:, s] * stage.patches + 0.5).astype(np.int64))
                 act = (keep[:, s] < 1.0) & (k < n_prev)
-                entering[:, s] = tokens[:, loc]
+                whole = stage.prefix + carried + stage.patches * unit
+                entering[:, s] = whole if self.selector_sees_grid else tokens[:, loc]
                 n_prev = np.where(act, k, n_prev)
-                packages = packages + (act & package)
-                tokens[:, loc : stage.stop] = (stage.prefix + carried + n_prev + packages)[:, None]
+                packages = packages + (act & package & self.package_tokens)
+                tokens[:, loc : stage.stop] = (stage.prefix + carried + n_prev * unit + packages)[:, None]
                 active[:, s] = act
             if self.carry_packages:
                 carried = carried + packages
         return tokens, active, entering
+
+    def prunable(self, block: int) -> bool:
+        """Whether a selector before ``block`` can act: its stage has more than one unit to choose from."""
+        return self.stage_at(block).patches >= 2
+
+    def default_locations(self, stages: int) -> tuple[int, ...]:
+        """Evenly spaced selector locations (``plan.default_locations``), moved onto blocks that can
+        prune when some of those cannot (a Swin stage that is one window)."""
+        spaced = default_locations(self.depth, stages)
+        if all(self.prunable(b) for b in spaced):
+            return spaced
+        candidates = [b for b in range(1, self.depth) if self.prunable(b)]
+        if len(candidates) < stages:
+            raise PlanError(f"cannot place {stages} selector stages: only blocks {candidates} can prune")
+        return tuple(candidates[len(candidates) * (i + 1) // (stages + 1)] for i in range(stages))
 
     def plan_tokens(self, plan: PruningPlan) -> tuple[int, ...]:
         """Tokens entering each block at inference under ``plan``."""

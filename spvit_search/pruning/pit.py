@@ -112,6 +112,8 @@ class PitFamily(ModelFamily):
     name = "pit"
     description = "timm PoolingVisionTransformer (PiT-Ti/XS/S/B, distilled: two class tokens)"
 
+    methods = ("spvit", "hard", "evit")
+
     def supports(self, model: nn.Module) -> bool:
         return isinstance(model, PoolingVisionTransformer)
 
@@ -155,6 +157,7 @@ class PitFamily(ModelFamily):
                 "method 'tome' is not supported on PiT: a merged token has no single grid position to restore "
                 "before the pooling layer; use 'spvit', 'hard' or 'evit'"
             )
+        self.check_method(plan)
         for i, blk in enumerate(self.blocks(model)):
             if "attn_mask" not in inspect.signature(type(blk).forward).parameters:
                 raise UnsupportedModelError(

@@ -34,6 +34,8 @@ class PruneState:
     positions: torch.Tensor | None = None  # eval: (B, n) grid position of each current patch token
     parked: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # eval: pruned (tokens, positions)
     prefix_policy: torch.Tensor | None = None  # train: (B, num_prefix) keep mask of the prefix (carried packages)
+    # Window pruning (Swin): the active location's token scores (B, H, W) and its selector
+    score_map: tuple[torch.Tensor, object] | None = None
 
     def reset(self) -> None:
         self.num_patches = None
@@ -50,6 +52,7 @@ class PruneState:
         self.positions = None
         self.parked = []
         self.prefix_policy = None
+        self.score_map = None
 
     @property
     def differentiable_fraction(self) -> list[torch.Tensor]:

@@ -72,6 +72,8 @@ class VitFamily(ModelFamily):
         "qk-norm, register tokens)"
     )
 
+    methods = ("spvit", "hard", "evit", "tome")
+
     def supports(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
 
@@ -95,6 +97,7 @@ class VitFamily(ModelFamily):
 
     def check(self, model: nn.Module, plan: PruningPlan) -> None:
         self.layout(model).check(plan)
+        self.check_method(plan)
         for i, blk in enumerate(model.blocks):
             if "attn_mask" not in inspect.signature(type(blk).forward).parameters:
                 raise UnsupportedModelError(
