@@ -1,6 +1,11 @@
 """Accuracy at equal *measured* latency on a device: every contender under the same three budgets.
 
-On Fashion-MNIST with the shipped dense teacher (``benchmarks/checkpoints/vit_demo_fashion.pt``):
+On Fashion-MNIST with the shipped dense teacher (``benchmarks/checkpoints/vit_demo_fashion.pt``), or
+with ``--model pit_demo_fashion`` / ``swin_demo_fashion`` and a teacher trained here first
+(``--teacher-epochs`` on ``--teacher-subset`` images, seed 0, kept in ``OUT/teacher``; resumable).
+Each family brings its own contenders (``--contenders`` defaults to them): PiT evit, hard, spvit;
+Swin its training-free ``norm`` and ``spvit`` (the smaller dense model is built for flat ViTs
+only):
 
 1. tables: the device's latency table of ``vit_demo_fashion`` (every method's parts), calibrated;
    the dense model is measured and the targets are shares of it (``--targets``, default
@@ -50,7 +55,7 @@ from spvit_search.models import build_model
 from spvit_search.plan import PROFILED_BY_DEFAULT
 from spvit_search.train import evaluate
 
-MODEL, DATA = "vit_demo_fashion", "fashion"
+DATA = "fashion"
 # contender -> (plan it uses, what it is); plan "depth" is the smaller dense model
 CONTENDERS = {
     "smaller": ("depth", "dense with fewer blocks (the teacher's, evenly spaced), distilled"),
@@ -61,6 +66,14 @@ CONTENDERS = {
     "hard": ("hard", "learned selector, pruned tokens dropped (DynamicViT-like)"),
     "spvit": ("spvit", "learned selector + package token (SPViT)"),
     "spvit-latency": ("spvit", "spvit + latency-aware loss"),
+    "norm-free": ("norm", "training-free: windows ranked by mean token norm (SparseViT's importance; Swin)"),
+    "norm": ("norm", "norm ranking, fine-tuned (Swin)"),
+}
+#: contenders of each family: methods it supports ("depth": the smaller dense model, flat ViTs only)
+FAMILY_CONTENDERS = {
+    "vit": [c for c in CONTENDERS if not c.startswith("norm")],
+    "pit": ["evit-free", "evit", "hard", "spvit", "spvit-latency"],
+    "swin": ["norm-free", "norm", "spvit", "spvit-latency"],
 }
 
 
@@ -99,11 +112,17 @@ class Harness:
         self.tables = self.out / "tables"
         self.device = DeviceRegistry.load(args.devices).get(args.device)
         self.results = Results(args.results)
-        self.teacher = SHIPPED_TEACHERS[DATA]
-        self.setting = {"epochs": args.epochs, "finetune_subset": args.finetune_subset, "trials": args.trials,
-                        "search_locations": True, "selector_warmup": SELECTOR_WARMUP, "selector_hint": SELECTOR_HINT,
+        self.model = args.model
+        self.family = family_of(args.model)
+        shipped = args.model == DATA_SETTINGS[DATA].model
+        self.teacher = SHIPPED_TEACHERS[DATA] if shipped else self.out / "teacher" / "model.pt"
+        teacher = ({"teacher_sha256": shipped_sha256(DATA_SETTINGS[DATA])} if shipped else
+                   {"teacher_epochs": args.teacher_epochs, "teacher_subset": args.teacher_subset})  # fmt: skip
+        self.setting = {**({} if shipped else {"model": args.model}), "epochs": args.epochs,
+                        "finetune_subset": args.finetune_subset, "trials": args.trials, "search_locations": True,
+                        "selector_warmup": SELECTOR_WARMUP, "selector_hint": SELECTOR_HINT,
                         "planning": "share of the predicted dense latency", "device": args.device,
-                        "teacher_sha256": shipped_sha256(DATA_SETTINGS[DATA])}  # fmt: skip
+                        **teacher}  # fmt: skip
         if self.results.data.get("setting") not in (None, self.setting):
             raise SystemExit(f"{args.results} holds a run with other settings {self.results.data['setting']}; "
                              "give another --results (and --out)")  # fmt: skip
@@ -111,23 +130,49 @@ class Harness:
         self._test = None
         self._lock = threading.Lock()  # the pool's threads record cells into one results file
 
-    # -- 1. tables, dense latency, targets ----------------------------------------------------
+    # -- 1. teacher, tables, dense latency, targets -------------------------------------------
+    def train_teacher(self) -> None:
+        """A dense teacher for a model that ships none: seed 0, recorded in the settings, resumable."""
+        out = self.teacher.parent
+        if (out / "model.pt").exists() and (out / "metrics.csv").exists():
+            rows = (out / "metrics.csv").read_text().strip().splitlines()
+            if len(rows) - 1 >= self.args.teacher_epochs:
+                return
+        args = ["train", "--model", self.model, "--data", DATA, "--epochs", str(self.args.teacher_epochs),
+                "--warmup-epochs", "1", "--lr", "2e-3", "--seed", "0", "--out", str(out),
+                "--train-subset", str(self.args.teacher_subset)]  # fmt: skip
+        seconds = run_cli(args, os.cpu_count() or 2, out.with_suffix(".log"))
+        self.results.data["teacher"] = {"command": "spvit-search " + " ".join(args), "seconds": round(seconds, 1),
+                                        **curve(out / "metrics.csv")}  # fmt: skip
+        self.results.save()
+
+    def dense_model(self) -> torch.nn.Module:
+        """The teacher as every pruned model runs it: patched with nothing acting (identical on ViT
+        and PiT; on Swin, the exact-zero shift masks of its pruned plans: README, Swin)."""
+        model = build_model(self.model, self.teacher).eval()
+        family = sp.pruning.family_for(model)
+        return sp.prune(model, sp.PruningPlan(locations=family.default_locations(model, 1), keep=(1.0,),
+                                              method=family.training_free))  # fmt: skip
+
     def prepare(self) -> None:
         from profilers import MeasureSettings
         from spvit_search.measure import calibrate, measure_models
         from spvit_search.profile import profile_model
 
+        if self.teacher != SHIPPED_TEACHERS.get(DATA):
+            self.train_teacher()
+
         # the calibration measures plans of the default methods: their parts are always profiled
         wanted = {CONTENDERS[c][0] for c in self.args.contenders} - {"depth"}
         methods = tuple(sorted(wanted | set(PROFILED_BY_DEFAULT)))
-        profile_model(self.device, MODEL, root=self.tables, methods=methods,
+        profile_model(self.device, self.model, root=self.tables, methods=methods,
                       rounds=self.args.profile_rounds, progress=False)  # fmt: skip
         d = self.device
         meta = self.tables / d.name / f"{d.runtime}-t{d.threads}-b{d.batch}.meta.json"
-        if MODEL not in json.loads(meta.read_text()).get("calibration", {}):
-            calibrate(self.device, MODEL, self.tables, 5, MeasureSettings(rounds=8, runs=5), str(self.teacher))
+        if self.model not in json.loads(meta.read_text()).get("calibration", {}):
+            calibrate(self.device, self.model, self.tables, 5, MeasureSettings(rounds=8, runs=5), str(self.teacher))
         if "targets" not in self.results.data:
-            dense = build_model(MODEL, self.teacher).eval()
+            dense = self.dense_model()
             timing, _ = measure_models(self.device, {"dense": dense}, MeasureSettings(rounds=10, runs=10))
             dense_ms = timing["dense"].median_ms
             self.results.data["dense_ms_at_start"] = dense_ms
@@ -156,11 +201,12 @@ class Harness:
                 # 2.02 ms for 55% within two minutes); the final step measures every model together.
                 settings = OptimizeSettings(target_ms=None, target_share=float(ratio), checkpoint=str(self.teacher),
                                             data=DATA, methods=(method,), search_locations=True,
+                                            proxy=self.family.training_free,
                                             trials=self.args.trials, tables=str(self.tables), verify_top=0,
                                             progress=False)  # fmt: skip
                 path = self.plan_file(ratio, method)
                 started = time.perf_counter()
-                result = optimize(MODEL, self.device, settings, path)
+                result = optimize(self.model, self.device, settings, path)
                 plans[key] = {
                     "plan": result.plan.to_dict(),
                     "calib_top1": result.accuracy,
@@ -176,12 +222,12 @@ class Harness:
                 self.results.save()
         wanted = "smaller" in self.args.contenders
         if wanted and not all(f"{r}/depth" in plans for r in self.results.data["targets"]):
-            depths = measure_depths(self.device, MODEL, self.teacher, MeasureSettings(rounds=8, runs=10))
+            depths = measure_depths(self.device, self.model, self.teacher, MeasureSettings(rounds=8, runs=10))
             self.results.data["depths"] = [c.as_dict() for c in depths]
             dense_ms = max(depths, key=lambda c: c.depth).measured_ms  # the full depth, measured with the rest
             for ratio in self.results.data["targets"]:
                 chosen = pick_depth(depths, float(ratio) * dense_ms)
-                model, blocks = shallower(MODEL, self.teacher, chosen.depth)
+                model, blocks = shallower(self.model, self.teacher, chosen.depth)
                 path = save_shallower(model, self.out / "plans" / ratio / "smaller.pt")
                 plans[f"{ratio}/depth"] = {"depth": chosen.depth, "blocks": list(blocks), "checkpoint": str(path),
                                            "measured_ms": chosen.measured_ms}  # fmt: skip
@@ -211,8 +257,8 @@ class Harness:
                   "--train-subset", str(self.args.finetune_subset)]  # fmt: skip
         if contender == "smaller":
             small = self.results.data["plans"][f"{ratio}/depth"]["checkpoint"]
-            return ["train", "--model", MODEL, "--checkpoint", small, "--teacher", str(self.teacher), "--lr", "2e-4",
-                    "--warmup-epochs", "1", *budget]  # fmt: skip
+            return ["train", "--model", self.model, "--checkpoint", small, "--teacher", str(self.teacher),
+                    "--lr", "2e-4", "--warmup-epochs", "1", *budget]  # fmt: skip
         method = CONTENDERS[contender][0]
         plan, plan_file = self.plan_of(ratio, method), self.plan_file(ratio, method)
         extra = []
@@ -220,7 +266,9 @@ class Harness:
             extra = ["--latency-weight", "1.0", "--target-ms", str(round(0.9 * plan.predicted_ms, 4)), "--tables",
                      str(self.tables), "--latency-device", self.device.name]  # fmt: skip
         if plan.spec.learned_selector:  # chosen on the calibration split: see SELECTOR_WARMUP, SELECTOR_HINT
-            extra += ["--selector-warmup", str(SELECTOR_WARMUP), "--selector-hint", str(SELECTOR_HINT)]
+            extra += ["--selector-warmup", str(SELECTOR_WARMUP)]
+            if self.family.training_free == "evit":  # the hint reads class attention: none on Swin
+                extra += ["--selector-hint", str(SELECTOR_HINT)]
         return ["finetune", "--plan", str(plan_file), "--checkpoint", str(self.teacher), *budget, *extra]
 
     def train_cell(self, ratio: str, seed: int, contender: str, threads: int) -> None:
@@ -252,17 +300,18 @@ class Harness:
     def model_of(self, ratio: str, contender: str, checkpoint: Path):
         method = CONTENDERS[contender][0]
         if method == "depth":
-            return build_model(MODEL, checkpoint).eval(), None
+            return build_model(self.model, checkpoint).eval(), None
         plan = self.plan_of(ratio, method)
-        return build_model(MODEL, checkpoint, plan).eval(), plan
+        return build_model(self.model, checkpoint, plan).eval(), plan
 
     def predicted(self, model: torch.nn.Module, plan: sp.PruningPlan | None) -> float:
         from spvit_search.predictor import PlanLatency
 
         methods = () if plan is None else (plan.method,)
-        shape = build_model(MODEL, None) if plan is not None else model
-        latency = PlanLatency.for_device(self.device, shape, MODEL, root=self.tables, methods=methods)
-        dense = sp.PruningPlan(locations=(len(shape.blocks) - 1,), keep=(1.0,), model=MODEL)
+        shape = build_model(self.model, None) if plan is not None else model
+        latency = PlanLatency.for_device(self.device, shape, self.model, root=self.tables, methods=methods)
+        depth = sp.pruning.family_for(shape).depth(shape)
+        dense = sp.PruningPlan(locations=(depth - 1,), keep=(1.0,), model=self.model, method=self.family.training_free)
         return round(latency.predict(plan or dense).total_ms, 4)
 
     # -- 4. measurement -----------------------------------------------------------------------
@@ -273,7 +322,7 @@ class Harness:
         from spvit_search.measure import measure_models
 
         cells = self.results.data["cells"]
-        files = {"dense": export_onnx(build_model(MODEL, self.teacher).eval(), self.out / "onnx" / "dense.onnx")}
+        files = {"dense": export_onnx(self.dense_model(), self.out / "onnx" / "dense.onnx")}
         for key, cell in cells.items():
             model, _ = self.model_of(cell["ratio"], cell["contender"], Path(cell["checkpoint"]))
             files[key] = export_onnx(model, self.out / "onnx" / (key.replace("/", "_") + ".onnx"))
@@ -306,6 +355,10 @@ class Harness:
         self.results.save()
 
 
+def family_of(model_name: str):
+    return sp.pruning.family_for(build_model(model_name))
+
+
 def summarise(data: dict, seeds: list[int]) -> list[dict]:
     """Mean ± sd over seeds per (target, contender); latency as a share of the dense model's."""
     dense_ms = data.get("measurement", {}).get("dense_ms")
@@ -333,7 +386,8 @@ def summarise(data: dict, seeds: list[int]) -> list[dict]:
 
 def print_table(rows: list[dict], data: dict, markdown: bool) -> None:
     m = data.get("measurement", {})
-    print(f"dense {MODEL}: measured {m.get('dense_ms')} ms ({m.get('runtime')}, {m.get('at')})")
+    name = data.get("model", DATA_SETTINGS[DATA].model)
+    print(f"dense {name}: measured {m.get('dense_ms')} ms ({m.get('runtime')}, {m.get('at')})")
     head = "| target | contender | seeds | test top-1 | measured ms (× dense) | predicted ms | GMACs | plan |"
     if markdown:
         print(head + "\n|---|---|---:|---:|---:|---:|---:|---|")
@@ -384,6 +438,9 @@ def plot(rows: list[dict], data: dict, path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DATA_SETTINGS[DATA].model, help="a *_demo_fashion model of any family")
+    ap.add_argument("--teacher-epochs", type=int, default=6, help="dense teacher's epochs (models that ship none)")
+    ap.add_argument("--teacher-subset", type=int, default=12000, help="dense teacher's training images")
     ap.add_argument("--device", default="local")
     ap.add_argument("--devices", default=None, help="devices.yaml (default: the project's)")
     ap.add_argument("--targets", default="0.55,0.7,0.85", type=lambda s: [float(v) for v in s.split(",")])
@@ -395,22 +452,31 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trials", type=int, default=150)
     ap.add_argument("--rounds", type=int, default=8, help="measurement rounds (all files interleaved in each)")
     ap.add_argument("--profile-rounds", type=int, default=10, help="rounds of the latency table's profiling")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS), type=lambda s: s.split(","),
-                    help=f"a subset of {','.join(CONTENDERS)}")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=Path("runs/equal-latency"))
-    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "equal_latency.json")
+    ap.add_argument("--contenders", default=None, type=lambda s: s.split(","),
+                    help=f"a subset of {','.join(CONTENDERS)} (default: the model family's)")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/equal-latency[-MODEL]")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="default: benchmarks/results/equal_latency[_MODEL].json")  # fmt: skip
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
-    unknown = [c for c in args.contenders if c not in CONTENDERS]
+    family = family_of(args.model)
+    allowed = FAMILY_CONTENDERS[family.name]
+    args.contenders = args.contenders or allowed
+    unknown = [c for c in args.contenders if c not in allowed]
     if unknown:
-        ap.error(f"unknown contender(s) {unknown}; choose from {list(CONTENDERS)}")
+        ap.error(f"contender(s) {unknown} are not offered on {args.model}; choose from {allowed}")
+    suffix = "" if args.model == DATA_SETTINGS[DATA].model else f"_{args.model}"
+    args.out = args.out or Path(f"runs/equal-latency{suffix.replace('_', '-')}")
+    args.results = args.results or Path(__file__).parent / "results" / f"equal_latency{suffix}.json"
     harness = Harness(args)
     if not args.summary_only:
         harness.run()
     data = harness.results.data
+    if args.model != DATA_SETTINGS[DATA].model:
+        data["model"] = args.model
     if "dense_top1" not in data:
-        dense = build_model(MODEL, harness.teacher).eval()
+        dense = harness.dense_model()
         data["dense_top1"] = evaluate(dense, build_dataset(DATA, "test", dense), torch.device("cpu"))[0]
     data["summary"] = summarise(data, args.seeds)
     harness.results.save()

@@ -1,4 +1,4 @@
-"""Does the plan `optimize` picks meet its target when it really runs? DeiT-S (or PiT-S) on this host.
+"""Does the plan `optimize` picks meet its target when it really runs? DeiT-S (PiT-S, Swin-T) on this host.
 
 For 3 targets (shares of the dense model's measured latency), `spvit-search optimize`
 (EViT on DeiT-S, agreement with the dense model's top-1 on demo images upscaled to 224 —
@@ -9,7 +9,10 @@ is visible), and compared with the target (goal: within −5%…+3%). Parts of t
 from the copied tables are profiled into the copy first (``spvit-search profile`` resumes).
 
     python benchmarks/latency_truth.py [--model deit_small_patch16_224] [--ratios 0.55,0.7,0.85]
-                                       [--trials 120] [--json out.json]
+                                       [--trials 120] [--locations 1,3,9] [--json out.json]
+
+``--locations`` fixes where the selectors sit (default: optimize's evenly spaced ones); the
+method is optimize's default, EViT (on Swin its training-free ``norm``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from spvit_search.devices import DeviceRegistry
 from spvit_search.measure import measure_models
 from spvit_search.models import build_model
 from spvit_search.profile import profile_model
+from spvit_search.pruning import family_for
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -35,6 +39,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--ratios", default="0.55,0.7,0.85")
     ap.add_argument("--trials", type=int, default=120)
     ap.add_argument("--calib-images", type=int, default=64)
+    ap.add_argument("--locations", default=None, help="selector locations, e.g. 1,3,9 (default: optimize's)")
     ap.add_argument("--tables", default="latency_tables", help="tables to read and calibrate (a copy is used)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -46,6 +51,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"profiling {args.model} into the copy (parts already there are kept) ...", file=sys.stderr, flush=True)
     profile_model(device, args.model, root=tables, progress=False)
     dense = build_model(args.model).eval()
+    # patched with nothing acting: identical for ViT and PiT; a Swin runs with the exact-zero shift
+    # masks its plans use (timm's -100 gives denormal softmax weights, slow on x86: README, Swin)
+    family = family_for(dense)
+    sp.prune(dense, sp.PruningPlan(locations=family.default_locations(dense, 1), keep=(1.0,),
+                                   method=family.training_free))  # fmt: skip
     timing, version = measure_models(device, {"dense": dense}, MeasureSettings(rounds=8, runs=5))
     dense_ms = timing["dense"].median_ms
     rows = []
@@ -54,7 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plan_file = work / f"plan-{ratio}.yaml"
         cmd = [sys.executable, "-m", "spvit_search.cli", "optimize", "--model", args.model, "--target-ms", str(target),
                "--objective", "agreement", "--calib-images", str(args.calib_images), "--trials", str(args.trials),
-               "--tables", str(tables), "--out", str(plan_file), "--json"]  # fmt: skip
+               "--tables", str(tables), "--out", str(plan_file), "--json",
+               *(["--locations", args.locations] if args.locations else [])]  # fmt: skip
         print(f"target {target} ms ({ratio:.0%} of dense {dense_ms:.2f} ms) ...", file=sys.stderr, flush=True)
         summary = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         plan = sp.PruningPlan.load(plan_file)

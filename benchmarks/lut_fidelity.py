@@ -39,7 +39,13 @@ from spvit_search.pruning import family_for
 
 
 def random_plan(rng: random.Random, layout, model_name: str) -> sp.PruningPlan:
-    """3 locations, a keep factor in [0.45, 1] each, multiplied within each token grid."""
+    """3 locations, a keep factor in [0.45, 1] each, multiplied within each token grid (on Swin:
+    among the blocks that can prune, methods spvit and norm)."""
+    if layout.family == "swin":
+        locations = tuple(sorted(rng.sample([b for b in range(layout.depth) if layout.prunable(b)], 3)))
+        keep = layout.cumulative_keep(locations, [rng.uniform(0.45, 1.0) for _ in locations])
+        return sp.PruningPlan(locations=locations, keep=tuple(round(k, 3) for k in keep),
+                              method=rng.choice(("spvit", "norm")), model=model_name)  # fmt: skip
     locations = tuple(sorted(rng.sample(range(1, layout.depth), 3)))
     keep = layout.cumulative_keep(locations, [rng.uniform(0.45, 1.0) for _ in locations])
     method = rng.choice(PROFILED_BY_DEFAULT)
@@ -64,7 +70,7 @@ def run_case(model_name: str, threads: int, n_plans: int, tables: Path, seed: in
         import torch
 
         torch.manual_seed(torch_seed)
-        models[f"plan{i}"] = m if plan.is_dense else sp.prune(m, plan)
+        models[f"plan{i}"] = sp.prune(m, plan)  # keep 1 too: Swin's dense runs with exact-zero masks
     print(f"  {model_name} @{threads} thread(s): measuring {len(models)} models ...", file=sys.stderr)
     timings, version = measure_models(device, models, MeasureSettings(rounds=rounds, runs=5))
     measured = [timings[f"plan{i}"].median_ms for i in range(len(models))]

@@ -79,7 +79,9 @@ def calibrate(device: DeviceConfig, model_name: str, root: str | Path = "latency
     models = {}
     for i, plan in enumerate(plans):
         model = create_model(model_name, checkpoint=checkpoint).eval()
-        models[f"cal{i}"] = model if plan.is_dense else prune(model, plan)
+        # the dense plan too (nothing acts): a Swin then runs with exact-zero shift masks, as its
+        # pruned plans do and as its measured parts do (pruning/swin.py, _exact_zero_mask)
+        models[f"cal{i}"] = prune(model, plan)
     timings, version = measure_models(device, models, settings)
     measured = [(plan, timings[f"cal{i}"].median_ms) for i, plan in enumerate(plans)]
     calibration = latency.add_calibration_points(measured, replace=True)

@@ -34,6 +34,7 @@ from .measure import measure_models
 from .models import build_model, create_model, read_state, selector_blocks
 from .plan import METHODS, PruningPlan
 from .predictor import PlanLatency
+from .pruning import prune
 from .pruning.layout import ModelLayout
 from .search import (
     SearchError,
@@ -277,7 +278,8 @@ def _unpruned(model_name: str, settings: OptimizeSettings, plan: PruningPlan):
     state = read_state(settings.checkpoint) if settings.checkpoint else {}
     if any(".token_selector." in k for k in state):  # trained selectors: load them, let them keep everything
         return build_model(model_name, settings.checkpoint, plan.replace(keep=(1.0,) * len(plan.keep))).eval()
-    return build_model(model_name, settings.checkpoint).eval()
+    # patched with nothing acting (a Swin then runs with the exact-zero shift masks its candidates use)
+    return prune(build_model(model_name, settings.checkpoint).eval(), plan.replace(keep=(1.0,) * len(plan.keep)))
 
 
 def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, out: str | Path = "plan.yaml",

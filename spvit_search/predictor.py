@@ -128,7 +128,9 @@ class PlanLatency:
         stages = self.layout.stages
         if (method, 0) not in self._selector_fits:
             signatures = [selector_signature(method, st.dim, st.heads, st.prefix) for st in stages]
-            need = {sig: f"{method} selector" for sig in signatures}
+            # a selector that always scores its stage's whole grid (Swin) is measured at that one count
+            what = f"fixed-count {method} selector" if self.layout.selector_sees_grid else f"{method} selector"
+            need = {sig: what for sig in signatures}
             if method == "tome":
                 need.update({s: "blocks with proportional attention" for s in self.layout.proportional_blocks})
             hint = self._hint.replace("--model", f"--methods {method} --model")

@@ -36,7 +36,7 @@ from .data import build_dataset
 from .errors import SpvitError
 from .losses import SelectorHint, distillation_kl, kept_token_mse, patch_token_mse, ratio_loss
 from .plan import PruningPlan
-from .pruning import pruning_state
+from .pruning import family_for, pruning_state
 from .records import append_csv_rows
 
 METRIC_FIELDS = (
@@ -386,7 +386,7 @@ def fit(
                     and _token_layout(features, state)
                 ):
                     parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
-                elif learned and cfg.token_distill_weight and features.dim() == 4 and features.shape == t_features.shape:
+                elif learned and cfg.token_distill_weight and features.dim() == 4 == t_features.dim():
                     # a Swin's last grid: every token is there (pruned windows are carried), so all are matched
                     parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, 0)
                 elif not pruned and cfg.token_distill_weight and features.shape == t_features.shape:

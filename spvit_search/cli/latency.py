@@ -183,7 +183,7 @@ def measure(device_name, model_name, keep, locations, method, package_token, pla
     from ..errors import SpvitError
     from ..latency import LatencyTableError
     from ..measure import measure_models
-    from ..models import create_model
+    from ..models import build_model, create_model
     from ..plan import PruningPlan
     from ..predictor import PlanLatency
 
@@ -201,14 +201,16 @@ def measure(device_name, model_name, keep, locations, method, package_token, pla
     device = device_for(devices_file, device_name, threads)
     model = None
     if model_name is not None:
-        model = create_model(model_name, checkpoint=checkpoint).eval()
+        if plan is not None:  # a plan file: a fine-tuned checkpoint's selectors load with it
+            model = build_model(model_name, checkpoint, plan).eval()
+        else:
+            model = create_model(model_name, checkpoint=checkpoint).eval()
         if plan is None:
             from ..pruning import family_for
 
             dense = PruningPlan(locations=family_for(model).default_locations(model, 1), keep=(1.0,), model=model_name)
             plan = build_plan(model, model_name, keep, locations, method, package_token) if keep is not None else dense
-        if not plan.is_dense:
-            prune(model, plan)
+        prune(model, plan)  # keep 1 too: nothing acts, and a Swin runs with its exact-zero shift masks
     target = Path(onnx_file) if onnx_file else model
     timings, version = measure_models(device, {"model": target}, MeasureSettings(rounds=rounds, runs=runs))
     timing = timings["model"]
