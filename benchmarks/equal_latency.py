@@ -463,9 +463,12 @@ def main(argv: list[str] | None = None) -> dict:
     family = family_of(args.model)
     allowed = FAMILY_CONTENDERS[family.name]
     args.contenders = args.contenders or allowed
-    unknown = [c for c in args.contenders if c not in allowed]
+    unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
-        ap.error(f"contender(s) {unknown} are not offered on {args.model}; choose from {allowed}")
+        ap.error(f"unknown contender(s) {unknown}; choose from {allowed}")
+    other = [c for c in args.contenders if c not in allowed]
+    if other:
+        ap.error(f"contender(s) {other} are not offered on {args.model} ({family.name}); choose from {allowed}")
     suffix = "" if args.model == DATA_SETTINGS[DATA].model else f"_{args.model}"
     args.out = args.out or Path(f"runs/equal-latency{suffix.replace('_', '-')}")
     args.results = args.results or Path(__file__).parent / "results" / f"equal_latency{suffix}.json"

@@ -60,3 +60,24 @@ def test_harness_measures_every_contender_and_resumes(tmp_path):
     assert other.returncode != 0 and "holds a run with other settings" in other.stderr
     bad = _run("--contenders", "evit,magic", "--summary-only")
     assert bad.returncode == 2 and "unknown contender(s) ['magic']" in bad.stderr
+
+
+def test_harness_trains_a_swin_teacher_and_runs_the_families_contenders(tmp_path):
+    """A model without a shipped teacher: one is trained first (recorded, reused on a rerun); Swin's
+    training-free ``norm`` places ``spvit``; contenders the family does not offer are refused."""
+    args = ["--model", "swin_demo_fashion", "--teacher-epochs", "1", "--teacher-subset", "256", "--seeds", "0",
+            "--targets", "0.85", "--epochs", "1", "--finetune-subset", "128", "--trials", "12",
+            "--contenders", "norm-free,spvit", "--rounds", "3", "--profile-rounds", "3", "--jobs", "1",
+            "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results.json")]  # fmt: skip
+    first = _run(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["model"] == "swin_demo_fashion" and "train --model swin_demo_fashion" in data["teacher"]["command"]
+    assert set(data["cells"]) == {"0.85/shared/norm-free", "0.85/seed0/spvit"}
+    assert data["plans"]["0.85/spvit"]["scored_by"] == "norm"
+    for key, cell in data["cells"].items():
+        assert cell["measured_ms"] > 0 and 0 < cell["test_top1"] <= 100 and cell["gmacs"] < 0.0383, key
+    again = _run(*args)
+    assert again.returncode == 0 and "$ spvit-search" not in again.stderr  # teacher and cells reused
+    refused = _run("--model", "swin_demo_fashion", "--contenders", "evit", "--summary-only")
+    assert refused.returncode == 2 and "not offered on swin_demo_fashion (swin)" in refused.stderr

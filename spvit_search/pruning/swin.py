@@ -1,6 +1,6 @@
 """Token pruning for timm's ``SwinTransformer``: window-level pruning with the grid kept whole.
 
-Why windows, not single tokens (measured before choosing, see the README's Swin section):
+Why windows, not single tokens (what was weighed and measured: the README's Swin section):
 window attention needs every window to hold the same number of tokens at fixed positions, and
 the next block partitions a *shifted* grid, so a per-token gather breaks both the relative-
 position bias and the shifted partition, and per-window top-k of tokens needs its own bias
