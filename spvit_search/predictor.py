@@ -108,8 +108,14 @@ class PlanLatency:
         head = "head" if layout.head_tokens is None else "fixed-count head"
         need = {layout.stem: "stem", layout.head: head, **{s: "blocks" for s in layout.blocks}}
         need.update({sig: "fixed-count downsampling layer" for sig, _ in layout.fixed})
+        need.update({sig: "fixed-count whole-grid block" for sig in layout.whole_blocks})
         table.require(need, self._hint)
         self._block_coef = self._coefficients(list(layout.blocks))  # (depth, 3)
+        whole = layout.whole_tokens()
+        self._whole_ms = (
+            np.array([table.fit(s)(n) for s, n in zip(layout.whole_blocks, whole, strict=True)])
+            if layout.whole_blocks else None
+        )  # fmt: skip
         self._stem_ms = float(table.fit(layout.stem)(layout.stem_tokens))
         self._downsample_ms = float(sum(table.fit(sig)(n) for sig, n in layout.fixed))
         self._head_fit = table.fit(layout.head)
@@ -184,7 +190,10 @@ class PlanLatency:
                 first = np.where(active[:, s], locations[s], first)
             biased = np.arange(self.depth)[None, :] >= first[:, None]
             c = np.where(biased[..., None], after[None], c)
-        return c[..., 0] + c[..., 1] * t + c[..., 2] * t * t
+        ms = c[..., 0] + c[..., 1] * t + c[..., 2] * t * t
+        if self._whole_ms is not None:  # a block nothing prunes runs its own (whole-grid) forward
+            ms = np.where(t == self.layout.whole_tokens()[None, :], self._whole_ms[None, :], ms)
+        return ms
 
     def _head_ms(self, t: np.ndarray) -> np.ndarray:
         n = self.layout.head_tokens

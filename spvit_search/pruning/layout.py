@@ -63,6 +63,10 @@ class ModelLayout:
     fixed: tuple[tuple[str, int], ...] = ()
     carry_packages: bool = False  # package tokens enter the next stage with the class tokens
     package_tokens: bool = True  # False: the family appends none (Swin carries pruned windows instead)
+    #: per block, the part measured when nothing is pruned there, at the stage's whole grid (a
+    #: Swin block then runs timm's own forward, whose roll and partition cost differs from the
+    #: pruned path's gathers); empty: ``blocks`` covers every count
+    whole_blocks: tuple[str, ...] = ()
     selector_sees_grid: bool = False  # True: every selector scores the stage's whole grid (restored per block)
     stage_of_block: tuple[int, ...] = field(init=False)
 
@@ -71,6 +75,13 @@ class ModelLayout:
         object.__setattr__(self, "stage_of_block", tuple(stage_of))
         if len(self.blocks) != len(stage_of):
             raise ValueError(f"{len(self.blocks)} block signatures for {len(stage_of)} blocks")
+        if self.whole_blocks and len(self.whole_blocks) != len(stage_of):
+            raise ValueError(f"{len(self.whole_blocks)} whole-block signatures for {len(stage_of)} blocks")
+
+    def whole_tokens(self) -> np.ndarray:
+        """(depth,) tokens entering each block when nothing before it in its stage prunes."""
+        return np.array([self.stage_at(b).prefix + self.stage_at(b).patches * self.stage_at(b).unit
+                         for b in range(self.depth)])  # fmt: skip
 
     @property
     def depth(self) -> int:

@@ -34,7 +34,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
+from timm.models.swin_transformer import SwinTransformer, window_partition
 from torch import nn
 
 from ..blocks import InputSpec, ModelPart, Part, selector_signature
@@ -63,10 +63,10 @@ class WindowSelector(nn.Module):
     """The selector of one location: token keep scores on the whole grid, for the blocks of its run.
 
     A learned scorer reads 2×2 cells (their mean token) where the grid's sides are even, and each
-    token takes its cell's score: a window's score is a mean over its 49 tokens anyway, and at a
-    quarter of the tokens the multi-head selector costs a quarter (Swin-T, ORT, 1 thread: the
-    three selectors of a plan at stages 0-2 took 3.1% of the dense model's latency per token,
-    the goal for all selection is 3%).
+    token takes its cell's score: a window's score is a mean over its 49 tokens anyway, and a
+    quarter of the tokens costs a quarter (Swin-T, ORT, 1 thread, three selectors at stages 0-2:
+    3.1% of the dense model's latency more than the ``norm`` scorer per token, about 1.5% on
+    cells; the goal for all selection is 3%).
     """
 
     def __init__(self, scorer: nn.Module, keep: float, previous_keep: float = 1.0, cell: int = 2) -> None:
@@ -181,11 +181,15 @@ class _PrunedSwinBlock:
         return gather_tokens(both, source).reshape(b, h, w, c)
 
     def _compute(self, raw: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention and MLP of timm's block on whole windows (B·k, A, C): the pruned block's work.
+        return window_compute(self, raw, valid, mask)
 
-        ``valid`` (B·k, A, 1) is 0 at padding: timm pads the *normed* grid with zeros."""
-        y = raw + self.drop_path1(self.attn(self.norm1(raw) * valid, mask=mask))
-        return y + self.drop_path2(self.mlp(self.norm2(y)))
+
+def window_compute(block: nn.Module, raw: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor | None):
+    """Attention and MLP of timm's block on whole windows (B·k, A, C): a pruned block's work.
+
+    ``valid`` (B·k, A, 1) is 0 at padding: timm pads the *normed* grid with zeros."""
+    y = raw + block.drop_path1(block.attn(block.norm1(raw) * valid, mask=mask))
+    return y + block.drop_path2(block.mlp(block.norm2(y)))
 
 
 class WindowIndex(nn.Module):
@@ -259,6 +263,7 @@ class SwinFamily(ModelFamily):
             stem_tokens=model.patch_embed.grid_size[0] * model.patch_embed.grid_size[1],
             blocks=tuple(swin_block_signature(b) for b in blocks),
             proportional_blocks=tuple(swin_block_signature(b) for b in blocks),
+            whole_blocks=tuple(swin_block_signature(b, whole=True) for b in blocks),
             head=f"head-swin-d{model.num_features}-c{model.num_classes}-{model.head.global_pool.pool_type or 'none'}",
             head_tokens=h * w,
             fixed=fixed,
@@ -340,6 +345,13 @@ class SwinFamily(ModelFamily):
                         counts = (stage.unit, 2 * stage.unit)
                     parts.append(Part("block", sig, _WindowBlock(blk), (InputSpec("x", (stage.dim,)),), counts,
                                       dynamic=True))  # fmt: skip
+                whole = swin_block_signature(blk, whole=True)
+                if whole not in seen:
+                    seen.add(whole)
+                    h, w = blk.input_resolution
+                    grid_in = (InputSpec("grid", (h, w, stage.dim), image=True),)
+                    parts.append(Part("block", whole, _WholeBlock(blk), grid_in, (stage.patches * stage.unit,),
+                                      dynamic=False))  # fmt: skip
             h, w = layer.output_resolution
             for method in wanted:
                 sig = selector_signature(method, stage.dim, stage.heads, 0)
@@ -347,7 +359,7 @@ class SwinFamily(ModelFamily):
                     continue
                 seen.add(sig)
                 scorer = MultiHeadTokenSelector(stage.dim, stage.heads) if method == "spvit" else TokenNormScorer()
-                part = _SelectorPart(WindowSelector(scorer, 0.5).eval(), blocks[stage.start], (h, w))
+                part = _SelectorPart(WindowSelector(scorer, 0.5).eval(), blocks[stage.start])
                 parts.append(Part("selector", sig, part, (InputSpec("grid", (h, w, stage.dim), image=True),),
                                   (h * w,), dynamic=False))  # fmt: skip
         h, w = model.layers[-1].output_resolution
@@ -402,11 +414,17 @@ def _exact_zero_mask(block: nn.Module) -> None:
     block.attn_mask = mask.masked_fill(mask < 0, float("-inf"))
 
 
-def swin_block_signature(block: nn.Module) -> str:
-    """What sets a Swin block's cost on its kept windows: width, heads, window, MLP width."""
+def swin_block_signature(block: nn.Module, whole: bool = False) -> str:
+    """What sets a Swin block's cost: width, heads, window, MLP width, a shift (its mask); ``whole``:
+    the block running timm's own forward on its whole grid (nothing pruned there)."""
     wh, ww = block.window_size
     hidden = block.mlp.fc1.out_features
-    return f"swin_block-d{block.dim}-h{block.attn.num_heads}-w{wh}x{ww}-mlp{hidden / block.dim:g}"
+    sig = f"swin_block-d{block.dim}-h{block.attn.num_heads}-w{wh}x{ww}-mlp{hidden / block.dim:g}"
+    sig += "-shift" if any(block.shift_size) else ""
+    if whole:
+        h, w = block.input_resolution
+        sig += f"-whole-g{h}x{w}"
+    return sig
 
 
 def _merge_signature(layer: nn.Module) -> str:
@@ -433,33 +451,55 @@ class _Head(ModelPart):
 
 
 class _WindowBlock(nn.Module):
-    """A Swin block's work on T tokens = k whole windows (``x``: (B, T, C)), as a pruned block does it."""
+    """A pruned Swin block's path on T tokens = k whole windows (``x``: (B, T, C)): the kept windows
+    gathered from the grid (with their shift masks), attention and MLP, and the gather that puts
+    them back — static indices, so only the ranking itself is left out (the selector part has it)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
+        _exact_zero_mask(block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blk, c = self.block, x.shape[-1]
-        win = x.reshape(-1, blk.window_size[0] * blk.window_size[1], c)
-        y = win + blk.attn(blk.norm1(win))
-        return (y + blk.mlp(blk.norm2(y))).reshape(x.shape)
+        blk = self.block
+        b, t, c = x.shape
+        area = blk.window_size[0] * blk.window_size[1]
+        k = t // area
+        index = torch.arange(t, device=x.device)
+        offsets = torch.arange(b, device=x.device).unsqueeze(1) * (t + 1)
+        tokens = torch.cat([x, x.new_zeros(b, 1, c)], dim=1).reshape(-1, c)
+        raw = tokens[(index.unsqueeze(0) + offsets).reshape(-1)].reshape(b * k, area, c)
+        mask = blk.attn_mask
+        if mask is not None:
+            mask = mask[torch.arange(k, device=x.device).repeat(b) % mask.shape[0]]
+        valid = x.new_ones(b * k, area, 1)
+        computed = window_compute(blk, raw, valid, mask).reshape(b, t, c)
+        return gather_tokens(torch.cat([computed, x], dim=1), index.unsqueeze(0).expand(b, t))
+
+
+class _WholeBlock(nn.Module):
+    """A block nothing prunes: timm's own forward on the whole grid (exact-zero shift mask)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        _exact_zero_mask(block)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.block(grid)
 
 
 class _SelectorPart(nn.Module):
-    """A location's scoring on the whole grid, and one block's ranking, gather and grid restore."""
+    """A location's scoring of the whole grid and one ranking of its windows (the gathers that act
+    on the ranking are in each pruned block's part)."""
 
-    def __init__(self, selector: WindowSelector, block: nn.Module, grid: tuple[int, int]) -> None:
+    def __init__(self, selector: WindowSelector, block: nn.Module) -> None:
         super().__init__()
-        self.selector, self.block, self.grid = selector, block, grid
+        self.selector, self.index = selector, WindowIndex(block)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        logp = self.selector.token_logp(grid)
-        b, h, w, c = grid.shape
-        (wh, ww), area = self.block.window_size, self.block.window_size[0] * self.block.window_size[1]
-        raw = window_partition(grid, (wh, ww)).reshape(b, -1, area * c)
-        score = window_partition(logp[..., None], (wh, ww)).reshape(b, -1, area).exp().mean(dim=-1)
-        order = score.topk(raw.shape[1], dim=1, sorted=True).indices
-        inverse = (-order.float()).topk(raw.shape[1], dim=1, sorted=True).indices
-        out = gather_tokens(gather_tokens(raw, order), inverse)
-        return window_reverse(out.reshape(-1, wh, ww, c), (wh, ww), h, w)
+        b, h, w, _ = grid.shape
+        prob = torch.cat([self.selector.token_logp(grid).exp().reshape(b, h * w), grid.new_zeros(b, 1)], dim=1)
+        window_p = prob[:, self.index.tokens].reshape(b, self.index.windows, self.index.area).mean(dim=-1)
+        order = window_p.topk(self.index.windows, dim=1, sorted=True).indices
+        return (-order.float()).topk(self.index.windows, dim=1, sorted=True).indices
