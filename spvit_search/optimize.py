@@ -105,7 +105,9 @@ def _space(settings: OptimizeSettings, layout: ModelLayout, trained_locations: t
     elif settings.search_locations:
         from itertools import combinations
 
-        sets = tuple(combinations([b for b in range(1, depth) if layout.prunable(b)], settings.stages))
+        scorers = {*settings.methods, *([proxy] if proxy else [])}
+        blocks = [b for b in range(1, depth) if all(layout.can_place(b, m) for m in scorers)]
+        sets = tuple(combinations(blocks, settings.stages))
     else:
         sets = (settings.locations or layout.default_locations(settings.stages),)
     return SearchSpace(sets, settings.methods, settings.min_factor, settings.step, proxy, layout=layout)

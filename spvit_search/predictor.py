@@ -267,7 +267,7 @@ def calibration_plans(model: nn.Module, model_name: str, count: int = 5,
     """
     family = family_for(model)
     methods = methods or tuple(m for m in family.methods if m != "tome")
-    locations = family.default_locations(model, 3)
+    locations = family.default_locations(model, 3, methods)
     plans = [PruningPlan(locations=locations, keep=(1.0,) * 3, model=model_name)]
     methods = list(methods)
     for i in range(1, count):

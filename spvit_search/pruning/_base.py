@@ -100,9 +100,9 @@ class ModelFamily(ABC):
     def forward_from(self, model: nn.Module, x: torch.Tensor, first_block: int) -> torch.Tensor:
         """Logits of ``model`` (pruned or not, in eval mode) from ``embed``'s output onwards."""
 
-    def default_locations(self, model: nn.Module, stages: int) -> tuple[int, ...]:
-        """Evenly spaced selector locations among the blocks where this family can prune."""
-        return self.layout(model).default_locations(stages)
+    def default_locations(self, model: nn.Module, stages: int, methods: tuple[str, ...] = ()) -> tuple[int, ...]:
+        """Evenly spaced selector locations among the blocks where this family (and ``methods``) can prune."""
+        return self.layout(model).default_locations(stages, methods)
 
     def depth(self, model: nn.Module) -> int:
         """Number of blocks a selector location can index."""

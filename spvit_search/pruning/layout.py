@@ -163,13 +163,23 @@ class ModelLayout:
         """Whether a selector before ``block`` can act: its stage has more than one unit to choose from."""
         return self.stage_at(block).patches >= 2
 
-    def default_locations(self, stages: int) -> tuple[int, ...]:
+    def can_place(self, block: int, method: str) -> bool:
+        """Whether ``method``'s selector can sit before ``block``: the stage can prune, and EViT's
+        previous block (whose class attention it reads) works on the same grid."""
+        return self.prunable(block) and (method != "evit" or block > self.stage_at(block).start)
+
+    def default_locations(self, stages: int, methods: Sequence[str] = ()) -> tuple[int, ...]:
         """Evenly spaced selector locations (``plan.default_locations``), moved onto blocks that can
-        prune when some of those cannot (a Swin stage that is one window)."""
+        prune when some of those cannot (a Swin stage that is one window) or where one of
+        ``methods`` cannot sit (EViT at a PiT grid's first block)."""
+
+        def fits(block: int) -> bool:
+            return self.prunable(block) and all(self.can_place(block, m) for m in methods)
+
         spaced = default_locations(self.depth, stages)
-        if all(self.prunable(b) for b in spaced):
+        if all(fits(b) for b in spaced):
             return spaced
-        candidates = [b for b in range(1, self.depth) if self.prunable(b)]
+        candidates = [b for b in range(1, self.depth) if fits(b)]
         if len(candidates) < stages:
             raise PlanError(f"cannot place {stages} selector stages: only blocks {candidates} can prune")
         return tuple(candidates[len(candidates) * (i + 1) // (stages + 1)] for i in range(stages))
