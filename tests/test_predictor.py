@@ -262,3 +262,17 @@ def test_pit_parts_tokens_and_prediction_follow_its_grids(tmp_path):
     assert many[0] == pytest.approx(pred.parts_ms)
     assert many[1] == pytest.approx(curve(226) + 2 * curve(1) + curve(1) + sum(curve(n) for n in (226,) * 2 + (65,) * 3
                                                                                    + (17,) * 2))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["vit_demo_digits", "pit_demo_digits", "swin_demo_digits"])
+def test_calibration_plans_are_plans_each_family_accepts(name):
+    """Spread plans whose locations every method of the family can take (EViT never at a PiT grid's
+    first block, where the block before works on another grid) and that prune something."""
+    from spvit_search.models import create_model
+    from spvit_search.predictor import calibration_plans
+
+    plans = calibration_plans(create_model(name), name)
+    assert plans[0].is_dense and all(min(p.keep) < 1.0 for p in plans[1:])
+    assert {p.method for p in plans[1:]} == set(sp.pruning.family_for(create_model(name)).methods) - {"tome"}
+    for plan in plans:
+        sp.prune(create_model(name), plan)  # refused with a PlanError if a location does not fit
