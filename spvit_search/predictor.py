@@ -111,7 +111,7 @@ class PlanLatency:
         need.update({sig: "fixed-count whole-grid block" for sig in layout.whole_blocks})
         table.require(need, self._hint)
         self._block_coef = self._coefficients(list(layout.blocks))  # (depth, 3)
-        whole = layout.whole_tokens()
+        whole = self._whole_tokens = layout.whole_tokens()
         self._whole_ms = (
             np.array([table.fit(s)(n) for s, n in zip(layout.whole_blocks, whole, strict=True)])
             if layout.whole_blocks else None
@@ -192,7 +192,7 @@ class PlanLatency:
             c = np.where(biased[..., None], after[None], c)
         ms = c[..., 0] + c[..., 1] * t + c[..., 2] * t * t
         if self._whole_ms is not None:  # a block nothing prunes runs its own (whole-grid) forward
-            ms = np.where(t == self.layout.whole_tokens()[None, :], self._whole_ms[None, :], ms)
+            ms = np.where(t == self._whole_tokens[None, :], self._whole_ms[None, :], ms)
         return ms
 
     def _head_ms(self, t: np.ndarray) -> np.ndarray:
