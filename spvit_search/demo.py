@@ -4,8 +4,7 @@
 2. profile its parts on the device and calibrate the table with whole-model runs;
 3. measure the dense model; the target is a share of its latency (``target_ratio``), each
    candidate judged against the dense model measured beside it (or ``target_ms``, fixed);
-4. ``optimize`` SPViT on the plain checkpoint, its plans scored by EViT (training-free) and judged by
-   SPViT's own latency, to place the budget: keep ratios that fit it;
+4. ``optimize`` with EViT (training-free) to place the budget: keep ratios that fit it;
 5. fine-tune SPViT (selectors + package token) at those ratios, distilled from the teacher;
 6. ``optimize`` again with the trained selectors, verified on the device;
 7. export ONNX, check it against torch on the test split, and measure it on the device.
@@ -99,13 +98,10 @@ def run_demo(device: DeviceConfig, s: DemoSettings) -> dict:
         return OptimizeSettings(**budget, tables=str(tables), trials=s.trials, progress=s.progress, **kw)
 
     t0 = time.perf_counter()
-    _say("4/7 place the budget: optimize SPViT's keep ratios, scored by EViT (training-free)", s.progress)
-    # SPViT's own latency decides what fits (its selectors cost more than EViT's scorer): a plan
-    # placed with EViT's latency left step 6 no SPViT plan under the budget at the same locations
-    # (fresh clone, quiet host: candidates 0.60-0.61 ms against 0.564)
-    evit_settings = settings(checkpoint=str(dense_ckpt), methods=("spvit",))
+    _say("4/7 place the budget: optimize keep ratios with EViT (training-free)", s.progress)
+    evit_settings = settings(checkpoint=str(dense_ckpt), methods=("evit",))
     evit = optimize(MODEL, device, evit_settings, out / "plan-evit.yaml")
-    plot_trials(evit, evit_settings, out / "plan-evit.png", f"{MODEL} SPViT placed by EViT, target {target:g} ms")
+    plot_trials(evit, evit_settings, out / "plan-evit.png", f"{MODEL} EViT, target {target:g} ms")
     step("optimize (evit)", t0)
 
     t0 = time.perf_counter()
