@@ -132,12 +132,16 @@ class ModelFamily(ABC):
         model.spvit_plan = plan
         return model
 
-    def _install(self, model: nn.Module, plan: PruningPlan) -> None:
-        layout, blocks = self.layout(model), self.blocks(model)
-        state = PruneState(num_prefix=layout.stages[0].prefix)
+    def _swap_in(self, model: nn.Module, num_prefix: int) -> None:
+        """One shared state for the model and its patched modules, and their classes swapped."""
+        state = PruneState(num_prefix=num_prefix)
         for module, mixin in self.mixins(model):
             module._spvit_state = state
             swap_class(module, mixin)
+
+    def _install(self, model: nn.Module, plan: PruningPlan) -> None:
+        layout, blocks = self.layout(model), self.blocks(model)
+        self._swap_in(model, layout.stages[0].prefix)
         ref = next(model.parameters())
         for loc, keep, before in zip(plan.locations, plan.keep, layout.previous_keep(plan), strict=True):
             stage = layout.stage_at(loc)

@@ -40,7 +40,7 @@ from torch import nn
 from ..blocks import InputSpec, ModelPart, Part, selector_signature
 from ..models import input_shape
 from ..plan import PlanError, PruningPlan, kept_count
-from ._base import ModelFamily, UnsupportedModelError, swap_class
+from ._base import ModelFamily, UnsupportedModelError
 from .layout import ModelLayout, Stage
 from .reducer import exact_top_k, gather_tokens
 from .selector import MultiHeadTokenSelector
@@ -300,10 +300,7 @@ class SwinFamily(ModelFamily):
         for blk in blocks:
             _exact_zero_mask(blk)
             blk.spvit_window_index = WindowIndex(blk)
-        state = PruneState(num_prefix=0)
-        for module, mixin in self.mixins(model):
-            module._spvit_state = state
-            swap_class(module, mixin)
+        self._swap_in(model, 0)
         ref = next(model.parameters())
         for loc, keep, before in zip(plan.locations, plan.keep, layout.previous_keep(plan), strict=True):
             stage = layout.stage_at(loc)
