@@ -4,7 +4,8 @@
 2. profile its parts on the device and calibrate the table with whole-model runs;
 3. measure the dense model; the target is a share of its latency (``target_ratio``), each
    candidate judged against the dense model measured beside it (or ``target_ms``, fixed);
-4. ``optimize`` with EViT (training-free) to place the budget: keep ratios that fit it;
+4. ``optimize`` SPViT on the plain checkpoint, its plans scored by EViT (training-free) and judged by
+   SPViT's own latency, to place the budget: keep ratios that fit it;
 5. fine-tune SPViT (selectors + package token) at those ratios, distilled from the teacher;
 6. ``optimize`` again with the trained selectors, verified on the device;
 7. export ONNX, check it against torch on the test split, and measure it on the device.
@@ -40,7 +41,11 @@ MODEL = "vit_demo_digits"
 @dataclass
 class DemoSettings:
     out: Path = Path("runs/demo")
-    target_ratio: float = 0.7
+    #: 0.8, not 0.7: on a fast day this 6-block, 65-token model spends 0.24 of its 0.84 ms in the
+    #: two blocks before any selector, and three MHTS selectors cost 0.1 ms; SPViT's fastest plan
+    #: at the default locations was then predicted at 0.72 of dense, and step 6 found nothing under
+    #: 70% (fresh clone, 2026-12-01). On slow days 70% fitted (keep 0.35/0.23).
+    target_ratio: float = 0.8
     target_ms: float | None = None
     dense_epochs: int = 50
     finetune_epochs: int = 30
@@ -98,10 +103,13 @@ def run_demo(device: DeviceConfig, s: DemoSettings) -> dict:
         return OptimizeSettings(**budget, tables=str(tables), trials=s.trials, progress=s.progress, **kw)
 
     t0 = time.perf_counter()
-    _say("4/7 place the budget: optimize keep ratios with EViT (training-free)", s.progress)
-    evit_settings = settings(checkpoint=str(dense_ckpt), methods=("evit",))
+    _say("4/7 place the budget: optimize SPViT's keep ratios, scored by EViT (training-free)", s.progress)
+    # SPViT's own latency decides what fits (its selectors cost more than EViT's scorer): a plan
+    # placed with EViT's latency left step 6 no SPViT plan under the budget at the same locations
+    # (fresh clone, quiet host: candidates 0.60-0.61 ms against 0.564)
+    evit_settings = settings(checkpoint=str(dense_ckpt), methods=("spvit",))
     evit = optimize(MODEL, device, evit_settings, out / "plan-evit.yaml")
-    plot_trials(evit, evit_settings, out / "plan-evit.png", f"{MODEL} EViT, target {target:g} ms")
+    plot_trials(evit, evit_settings, out / "plan-evit.png", f"{MODEL} SPViT placed by EViT, target {target:g} ms")
     step("optimize (evit)", t0)
 
     t0 = time.perf_counter()
@@ -145,8 +153,10 @@ def run_demo(device: DeviceConfig, s: DemoSettings) -> dict:
                    "predicted_ms": final.predicted_ms, "measured_ms": final.measured_ms,
                    "exported_onnx_ms": exported_ms, "gmacs": count_flops(pruned).gmacs,
                    "onnx_same_top1": f"{agreement['agree']}/{agreement['images']}"},
-        "evit_training_free": {"plan": evit.plan.to_dict(), "calib_top1": evit.accuracy},
-        "target_ms": target, "seconds": round(time.perf_counter() - start, 1), "steps_seconds": steps,
+        "placement": {"plan": evit.plan.to_dict(), "calib_top1": evit.accuracy, "scored_by": evit.proxy},
+        # with a share: the budget the chosen plan was judged against (the dense model measured beside it)
+        "target_ms": final.plan.target_ms or target, "seconds": round(time.perf_counter() - start, 1),
+        "steps_seconds": steps,
         "files": {"plan": str(out / "plan.yaml"), "weights": str(tuned.model_file), "onnx": str(onnx_file),
                   "plots": [str(out / "plan-evit.png"), str(out / "plan.png"), str(run_dir / "curve.png")]},
     }  # fmt: skip

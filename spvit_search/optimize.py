@@ -95,6 +95,7 @@ class OptimizeResult:
     seconds: float = 0.0
     study: optuna.Study | None = None
     proxy: str | None = None  # the training-free method whose accuracy placed the budget, if any
+    drift: float = 1.0  # measured / predicted of the verified candidates (PlanLatency.correct_drift)
 
 
 def _space(settings: OptimizeSettings, layout: ModelLayout, trained_locations: tuple[int, ...] | None,
@@ -232,10 +233,16 @@ def _counts(study: optuna.Study) -> dict[str, int]:
 
 def verify_on_device(study, latency: PlanLatency, model_name: str, device: DeviceConfig, settings: OptimizeSettings,
                      rounds: int = 3) -> tuple[list[dict], dict | None]:  # fmt: skip
-    """Measure the best feasible candidates; calibrate; drop those over the target; re-rank."""
+    """Measure the best feasible candidates; calibrate; drop those over the target; re-rank.
+
+    Each round's measurements refine the table's calibration (recorded for later sessions) and set
+    the session's drift factor (:meth:`PlanLatency.correct_drift`) from every candidate measured so
+    far, so the next round ranks by what this device does now, not by what the table remembers.
+    """
     from profilers import MeasureSettings
 
     measured: dict[str, dict] = {}
+    fresh: list[tuple[PruningPlan, float]] = []
     for _ in range(rounds):
         ranked = [r for r in feasible_ranked(study, settings.target_ms, latency, model_name)
                   if r[0].user_attrs["plan_key"] not in measured]  # fmt: skip
@@ -252,13 +259,15 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
             points.append((_unpruned_plan(latency, model_name), timings["unpruned"].median_ms))
             budget = settings.target_share * timings["unpruned"].median_ms
         latency.add_calibration_points(points)
-        if settings.target_share is not None:  # the next ranking aims at the share of the refined prediction
-            settings.target_ms = _share_in_ms(settings.target_share, latency, model_name)
+        fresh += [(plan, timings[f"c{t.number}"].median_ms) for t, plan, _ in batch]
+        latency.correct_drift(fresh)
+        if settings.target_share is not None:  # the next ranking aims at the share just measured
+            settings.target_ms = round(budget, 4)
         for t, plan, predicted in batch:
             ms = timings[f"c{t.number}"].median_ms
             measured[t.user_attrs["plan_key"]] = {
                 "trial": t.number, "plan": plan, "accuracy": trial_accuracy(t), "predicted_ms": predicted,
-                "measured_ms": ms, "over_target": ms > budget, "budget_ms": budget,
+                "measured_ms": ms, "over_target": ms > budget, "budget_ms": budget, "drift": latency.drift,
             }  # fmt: skip
         passing = [c for c in measured.values() if not c["over_target"]]
         if passing:
@@ -328,7 +337,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     )  # fmt: skip
     plan.save(out)
     return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
-                          fastest_ms, time.perf_counter() - start, study, space.proxy)  # fmt: skip
+                          fastest_ms, time.perf_counter() - start, study, space.proxy, latency.drift)  # fmt: skip
 
 
 def _candidate_row(c: dict) -> dict:
@@ -336,7 +345,7 @@ def _candidate_row(c: dict) -> dict:
     return {"trial": c["trial"], "method": p.method, "locations": list(p.locations), "keep": list(p.keep),
             "accuracy": round(c["accuracy"], 3), "predicted_ms": round(c["predicted_ms"], 3),
             "measured_ms": round(c["measured_ms"], 3), "budget_ms": round(c["budget_ms"], 3),
-            "over_target": c["over_target"]}  # fmt: skip
+            "over_target": c["over_target"], "drift_after": round(c["drift"], 4)}  # fmt: skip
 
 
 def plot_trials(result: OptimizeResult, settings: OptimizeSettings, path: str | Path, title: str) -> Path:

@@ -48,8 +48,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("hard", True, False, False, "multi-head token selector, pruned tokens dropped (DynamicViT-like)"),
         MethodSpec("evit", False, True, True, "training-free: class-token attention top-k + fused token (EViT)"),
         MethodSpec("tome", False, False, False, "training-free: token merging by bipartite matching (ToMe)"),
-        MethodSpec("norm", False, False, False, "training-free: windows ranked by their tokens' mean L2 norm "
-                   "(SparseViT's importance; Swin, which has no class token)"),
+        MethodSpec("norm", False, False, False, "training-free: mean token L2 norm of each window (SparseViT; Swin)"),
     )
 }
 

@@ -68,6 +68,7 @@ class Prediction:
     head_ms: float
     tokens_per_block: tuple[int, ...]
     calibration: Calibration = field(default_factory=Calibration)
+    drift: float = 1.0  # this session's correction (see PlanLatency.correct_drift), already in total_ms
     downsample_ms: float = 0.0  # pooling / patch-merging layers (no plan changes them)
 
     def as_dict(self) -> dict:
@@ -125,6 +126,7 @@ class PlanLatency:
             self.method_parts(method)
         cal = table.meta.get("calibration", {}).get(model_name)
         self.calibration = Calibration(cal["scale"], cal["offset_ms"], len(cal["points"])) if cal else Calibration()
+        self.drift = 1.0
 
     def _coefficients(self, signatures: list[str]) -> np.ndarray:
         return np.array([[f.a, f.b, f.c] for f in (self.table.fit(s) for s in signatures)])
@@ -220,7 +222,7 @@ class PlanLatency:
         total = self._stem_ms + self._downsample_ms + self._head_ms(t)
         total = total + self._blocks_ms(method, t, active, locations, after).sum(axis=1)
         total = total + self._selectors_ms(method, sels, t, active, entering, locations).sum(axis=1)
-        return self.calibration(total) if calibrated else total
+        return self.drift * self.calibration(total) if calibrated else total
 
     def predict(self, plan: PruningPlan) -> Prediction:
         self.layout.check(plan)
@@ -232,10 +234,10 @@ class PlanLatency:
         head = float(self._head_ms(t)[0])
         parts = self._stem_ms + self._downsample_ms + float(blocks.sum()) + float(selectors.sum()) + head
         return Prediction(
-            total_ms=float(self.calibration(parts)), parts_ms=parts, stem_ms=self._stem_ms,
+            total_ms=float(self.drift * self.calibration(parts)), parts_ms=parts, stem_ms=self._stem_ms,
             blocks_ms=tuple(float(b) for b in blocks), selectors_ms=tuple(float(x) for x in selectors), head_ms=head,
             tokens_per_block=tuple(int(n) for n in tokens[0]), calibration=self.calibration,
-            downsample_ms=self._downsample_ms,
+            downsample_ms=self._downsample_ms, drift=self.drift,
         )  # fmt: skip
 
     # -- calibration ----------------------------------------------------------------------------
@@ -255,6 +257,23 @@ class PlanLatency:
         self.table.save_meta()
         self.calibration = cal
         return cal
+
+    def correct_drift(self, measured: list[tuple[PruningPlan, float]]) -> float:
+        """Scale every prediction by the median measured/predicted ratio of ``measured``: whole-model
+        runs of this session, near the budget being searched. Returns the factor (1: none).
+
+        Why: the calibration line is fitted to every point the table ever recorded, across methods
+        and sessions. This host's speed drifts by up to 25% between sessions (and a phone's with its
+        thermal state), and one line can sit 10-20% off for one method near one budget (seen: SPViT
+        plans of the small demo model); old points then outvote the new, and a search verified on
+        the device kept missing while each refit crept closer. The session's own measurements of the
+        plans being ranked say how far off the table is here and now; the factor lives on this
+        object only (the points themselves are recorded with their date by add_calibration_points).
+        """
+        self.drift = 1.0
+        ratios = [ms / self.predict(plan).total_ms for plan, ms in measured]
+        self.drift = float(np.median(ratios)) if ratios else 1.0
+        return self.drift
 
 
 def calibration_plans(model: nn.Module, model_name: str, count: int = 5,

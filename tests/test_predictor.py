@@ -160,6 +160,24 @@ def test_calibration_is_fitted_stored_and_reported(tmp_path, model):
     assert json.loads(path.with_suffix(".meta.json").read_text())["calibration"][MODEL]["points"][0]["measured_ms"] > 0
 
 
+def test_a_session_drift_factor_scales_every_prediction_and_stays_in_the_session(tmp_path, model):
+    path = _synthetic_table(tmp_path, model)
+    latency = PlanLatency(LatencyTable.open(path), model, MODEL)
+    plans = _random_plans(5, seed=7)
+    base = [latency.predict(p).total_ms for p in plans]
+    # the device runs 10%, 20% and 30% slower on three measured plans: the median says 20%
+    factor = latency.correct_drift([(p, ms * r) for p, ms, r in zip(plans, base, (1.1, 1.3, 1.2), strict=False)])
+    assert factor == pytest.approx(1.2)
+    assert [latency.predict(p).total_ms for p in plans] == pytest.approx([1.2 * b for b in base])
+    keep = np.array([plans[4].keep])
+    assert latency.predict_many(keep, plans[4].locations, plans[4].method)[0] == pytest.approx(1.2 * base[4])
+    assert latency.predict(plans[0]).drift == pytest.approx(1.2)
+    # refitted from its own (uncorrected) predictions: correcting again does not compound
+    assert latency.correct_drift([(plans[0], base[0] * 1.2)]) == pytest.approx(1.2)
+    assert PlanLatency(LatencyTable.open(path), model, MODEL).drift == 1.0  # nothing written to the table
+    assert latency.correct_drift([]) == 1.0 and latency.predict(plans[0]).total_ms == pytest.approx(base[0])
+
+
 def test_predict_cli_breakdown_and_errors(tmp_path, model):
     _synthetic_table(tmp_path, model)
     runner = CliRunner()

@@ -16,6 +16,8 @@ from ._common import (
     user_errors,
 )
 
+_METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-free method, evit; norm on Swin)"
+
 
 @main.command()
 @click.option("--device", "device_name", default="local", show_default=True)
@@ -29,8 +31,7 @@ from ._common import (
 @click.option("--calib-images", type=int, default=256, show_default=True)
 @click.option("--objective", type=click.Choice(["accuracy", "agreement"]), default="accuracy", show_default=True,
               help="top-1 vs labels, or vs the dense model's top-1 (no labels needed)")  # fmt: skip
-@click.option("--method", "methods", default=None,
-              help="method(s), e.g. evit or spvit (default: the model's training-free method, evit; norm on Swin)")
+@click.option("--method", "methods", default=None, help=_METHOD_HELP)
 @click.option("--locations", default=None, help="selector locations (default: evenly spaced / the checkpoint's)")
 @click.option("--search-locations", is_flag=True, help="search the locations too (training-free methods)")
 @click.option("--stages", type=int, default=3, show_default=True)
@@ -104,7 +105,7 @@ def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, 
         "plan_file": str(out), "plot": str(png), "plan": plan.to_dict(), "accuracy": result.accuracy,
         "target_ms": target_ms, "predicted_ms": result.predicted_ms, "measured_ms": result.measured_ms,
         "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
-        "candidates": result.candidates, "scored_by": result.proxy or plan.method,
+        "candidates": result.candidates, "scored_by": result.proxy or plan.method, "drift": result.drift,
     }  # fmt: skip
     if multi_objective:
         summary["pareto_front"] = [
@@ -134,6 +135,10 @@ def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, 
             flag = "  over target, dropped" if r["over_target"] else ""
             click.echo(f"  {'':24}{r['trial']:5d}  {r['method']:6}  {r['keep']!s:22} {r['accuracy']:6.2f}%  "
                        f"{r['predicted_ms']:8.3f}  {r['measured_ms']:8.3f}{flag}")  # fmt: skip
+    if abs(result.drift - 1.0) >= 0.03:
+        click.echo(f"  the table predicted these candidates {abs(result.drift - 1) * 100:.0f}% "
+                   f"{'fast' if result.drift > 1 else 'slow'}: re-ranked with this session's measurements "
+                   f"(×{result.drift:.3f}); re-profile the device if this persists")  # fmt: skip
     if multi_objective:
         click.echo(f"  Pareto front: {len(summary['pareto_front'])} plans (see --json)")
     click.echo(f"  plot: {png}")
@@ -142,7 +147,7 @@ def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, 
 @main.command()
 @click.option("--device", "device_name", default="local", show_default=True)
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--target-ratio", type=float, default=0.7, show_default=True, help="target = ratio × dense latency")
+@click.option("--target-ratio", type=float, default=0.8, show_default=True, help="target = ratio × dense latency")
 @click.option("--target-ms", type=float, default=None, help="an absolute target instead")
 @click.option("--dense-epochs", type=int, default=50, show_default=True)
 @click.option("--finetune-epochs", type=int, default=30, show_default=True)
