@@ -15,7 +15,7 @@ from .errors import SpvitError
 from .export import export_onnx
 from .flops import count_flops
 from .plan import METHODS, PlanError, PruningPlan, kept_count
-from .pruning import UnsupportedModelError, prune, pruning_state, unprune
+from .pruning import UnsupportedModelError, prune, pruning_state, set_keep, unprune
 from .pruning.merge import tome_schedule
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "kept_count",
     "prune",
     "pruning_state",
+    "set_keep",
     "tome_schedule",
     "unprune",
 ]

@@ -15,10 +15,12 @@ process and N processes see the same global batches in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,10 +35,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .data import build_dataset
+from .densities import check_densities, step_paths
 from .errors import SpvitError
 from .losses import SelectorHint, distillation_kl, kept_token_mse, patch_token_mse, ratio_loss
-from .plan import PruningPlan
-from .pruning import family_for, pruning_state
+from .plan import PlanError, PruningPlan
+from .pruning import family_for, pruning_state, set_keep
 from .records import append_csv_rows
 
 METRIC_FIELDS = (
@@ -68,6 +71,10 @@ class TrainConfig:
     latency_weight: float = 0.0
     selector_hint_weight: float = 0.0  # learned selectors: the teacher's class-attention top-k as their target
     train_count: str = "exact"  # learned selectors in training: the plan's exact top-k, or "sampled" (Gumbel)
+    #: weight-shared operating points (keep vectors over the plan's locations): each step trains the
+    #: dense path and these, the sparse ones distilled from the dense one (see densities.py)
+    densities: tuple[tuple[float, ...], ...] = ()
+    densities_per_step: int = 0  # sparse paths per step: 0 = every density; else the sparsest + random others
     augment: bool = True
     train_subset: int | None = None  # train on a fixed subset (the same for every seed) of this many images
     eval_split: str = "calib"
@@ -261,6 +268,33 @@ def plot_curve(metrics: Path, png: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _path_losses(cfg: TrainConfig, model: nn.Module, logits: torch.Tensor, features: torch.Tensor,
+                 labels: torch.Tensor, state, sparse: bool, dense: bool, reference, hint,
+                 latency_penalty) -> dict:  # fmt: skip
+    """Loss terms of one forward: task, ratio, distillation from ``reference`` = (logits, final
+    features) of the teacher or, for a sparse path of weight-shared training, of the dense path.
+    ``sparse``: learned selectors acted; ``dense``: no token was removed (the teacher's layout)."""
+    parts = {"task": F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)}
+    if sparse and state.kept_fraction:
+        parts["ratio"] = cfg.ratio_weight * ratio_loss(state)
+    if reference is not None:
+        t_logits, t_features = reference
+        parts["distill"] = cfg.distill_weight * distillation_kl(logits, t_logits, cfg.distill_tau)
+        if hint is not None and sparse and state.keep_logp:
+            parts["hint"] = cfg.selector_hint_weight * hint(state)
+        if sparse and state.patch_policy is not None and cfg.token_distill_weight and _token_layout(features, state):
+            parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
+        elif sparse and cfg.token_distill_weight and features.dim() == 4 == t_features.dim():
+            # a Swin's last grid: every token is there (pruned windows are carried), so all are matched
+            parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, 0)
+        elif dense and cfg.token_distill_weight and features.shape == t_features.shape:
+            prefix = getattr(model, "num_prefix_tokens", 1)
+            parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, prefix)
+    if latency_penalty is not None and sparse and state.kept_fraction:
+        parts["latency"] = cfg.latency_weight * latency_penalty(state.differentiable_fraction)
+    return parts
+
+
 def fit(
     model: nn.Module,
     data: str,
@@ -333,6 +367,16 @@ def fit(
     if learned:
         pruning_state(model).train_count = cfg.train_count
     unused = learned and any(k >= 1.0 for k in plan.keep)
+    if cfg.densities:
+        if not learned:
+            raise TrainError("--densities trains learned selectors: give a plan of method spvit (or hard)")
+        try:
+            cfg.densities = check_densities(cfg.densities, plan)
+        except PlanError as err:
+            raise TrainError(str(err)) from None
+        unused = True  # the dense path leaves the selectors idle
+    dense_keep = (1.0,) * len(plan.keep) if plan is not None else ()
+    plan_keep = cfg.densities[-1] if cfg.densities else (plan.keep if plan is not None else None)
     hint = None
     if learned and cfg.selector_hint_weight:
         if teacher is None:
@@ -361,42 +405,41 @@ def fit(
         bar = tqdm(loader, disable=not progress or rank != 0, leave=False, desc=desc)
         for images, labels in bar:
             images, labels = images.to(device), labels.to(device)
+            path_rng, fracs = random.Random(cfg.seed * 1_000_003 + step), []  # the same draws when resumed
             lr = _lr_at(step, total_steps, warmup_steps, cfg)
             for group in optimizer.param_groups:
                 if group["backbone"]:
                     group["lr"] = 0.0 if backbone_frozen else lr
                 else:
                     group["lr"] = lr * cfg.selector_lr_scale
-            logits, features = student(images)
-            parts = {"task": F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)}
-            state = pruning_state(model) if pruned else None
-            if learned and state.kept_fraction:
-                parts["ratio"] = cfg.ratio_weight * ratio_loss(state)
+            reference = None
             if teacher is not None:
                 with torch.no_grad():
                     t_features = teacher.forward_features(images)
-                    t_logits = teacher.forward_head(t_features)
-                parts["distill"] = cfg.distill_weight * distillation_kl(logits, t_logits, cfg.distill_tau)
-                if hint is not None and state.keep_logp:
-                    parts["hint"] = cfg.selector_hint_weight * hint(state)
-                if (
-                    learned
-                    and state.patch_policy is not None
-                    and cfg.token_distill_weight
-                    and _token_layout(features, state)
-                ):
-                    parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
-                elif learned and cfg.token_distill_weight and features.dim() == 4 == t_features.dim():
-                    # a Swin's last grid: every token is there (pruned windows are carried), so all are matched
-                    parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, 0)
-                elif not pruned and cfg.token_distill_weight and features.shape == t_features.shape:
-                    prefix = getattr(model, "num_prefix_tokens", 1)
-                    parts["tokens"] = cfg.token_distill_weight * patch_token_mse(features, t_features, prefix)
-            if latency_penalty is not None and learned and state.kept_fraction:
-                parts["latency"] = cfg.latency_weight * latency_penalty(state.differentiable_fraction)
-            loss = sum(parts.values())
+                    reference = (teacher.forward_head(t_features), t_features)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            paths = step_paths(cfg.densities, cfg.densities_per_step, path_rng) if cfg.densities else [plan_keep]
+            loss = torch.zeros((), device=device)
+            for i, keep in enumerate(paths):
+                if cfg.densities:
+                    set_keep(model, keep or dense_keep)
+                sync = student.no_sync() if world > 1 and i < len(paths) - 1 else contextlib.nullcontext()
+                with sync:
+                    logits, features = student(images)
+                    state = pruning_state(model) if pruned else None
+                    sparse = keep is not None and learned
+                    dense = not pruned or (bool(cfg.densities) and keep is None)
+                    parts = _path_losses(cfg, model, logits, features, labels, state, sparse, dense, reference,
+                                         hint, latency_penalty if sparse else None)  # fmt: skip
+                    path_loss = sum(parts.values())
+                    path_loss.backward()
+                loss = loss + path_loss.detach()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                if cfg.densities and keep is None:  # the sparse paths learn from this step's dense path
+                    reference = (logits.detach(), features.detach())
+                if keep == plan_keep and sparse and state.kept_fraction:
+                    fracs = [float(f.detach().mean()) for f in state.kept_fraction]
             optimizer.step()
             step += 1
 
@@ -404,10 +447,8 @@ def fit(
             if world > 1:
                 dist.all_reduce(logged)
                 logged /= world
-            for k, v in {"loss": logged, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if learned and state.kept_fraction:
-                fracs = [float(f.detach().mean()) for f in state.kept_fraction]
+            sums["loss"] = sums.get("loss", 0.0) + float(logged)
+            if fracs:
                 kept_sum = [a + b for a, b in zip(kept_sum, fracs, strict=True)] if kept_sum else fracs
                 bar.set_postfix(loss=f"{float(logged):.3f}", kept="/".join(f"{f:.2f}" for f in fracs))
             else:
@@ -442,6 +483,8 @@ def fit(
         if world > 1:
             dist.barrier()
 
+    if cfg.densities:  # saved and returned at the plan's own operating point
+        set_keep(model, plan.keep)
     model_file = out / "model.pt"
     if rank == 0:
         if math.isnan(eval_acc):

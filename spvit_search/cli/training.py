@@ -75,6 +75,11 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, disti
 @click.option("--latency-weight", type=float, default=0.0, show_default=True, help="latency-aware loss weight")
 @click.option("--selector-hint", type=float, default=0.0, show_default=True,
               help="weight of the teacher's class-attention top-k as each learned selector's target")  # fmt: skip
+@click.option("--densities", default=None,
+              help="weight-shared operating points: keep vectors over the plan's locations, ';' between them "
+              "(e.g. '0.8,0.64,0.51;0.5,0.25,0.125'); the plan's keep is added; dense path always runs")  # fmt: skip
+@click.option("--densities-per-step", type=int, default=0, show_default=True,
+              help="sparse paths per step: 0 = every density; else the sparsest plus random others")  # fmt: skip
 @click.option("--target-ms", type=float, default=None, help="latency target of the latency-aware loss")
 @click.option("--latency-device", default=None, help="device whose table the latency loss reads (default: plan's)")
 @click.option("--tables", default="latency_tables", show_default=True, type=click.Path(file_okay=False))
@@ -82,9 +87,9 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, disti
 @devices_option
 @user_errors
 def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale, warmup_epochs, selector_warmup,
-             train_count, ratio_weight, distill_weight, token_weight, latency_weight, selector_hint, target_ms,
-             latency_device, tables, data, train_subset, batch_size, weight_decay, augment, resume, seed, workers,
-             torch_device, devices_file):  # fmt: skip
+             train_count, ratio_weight, distill_weight, token_weight, latency_weight, selector_hint, densities,
+             densities_per_step, target_ms, latency_device, tables, data, train_subset, batch_size, weight_decay,
+             augment, resume, seed, workers, torch_device, devices_file):  # fmt: skip
     """Soft-pruning fine-tune of plan.model under PLAN: task + ratio + distillation (+ latency) loss."""
     from pathlib import Path
 
@@ -100,7 +105,14 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
     given = PruningPlan.load(plan_file)
     if given.model is None:
         raise SpvitError(f"{plan_file} names no model (key 'model')")
-    plan = given.without_idle_stages(create_model(given.model))
+    plan = given if densities else given.without_idle_stages(create_model(given.model))
+    operating_points = ()
+    if densities:
+        from ..densities import parse_densities
+
+        wanted = parse_densities(densities, plan)
+        operating_points = wanted if plan.is_dense else tuple({*wanted, plan.keep})
+        click.echo(f"weight-shared: the dense path and {len(set(operating_points))} densities each step")
     if plan != given:
         click.echo(f"stages that prune nothing dropped: selectors before blocks {list(plan.locations)}")
     classes = num_classes(data)
@@ -129,8 +141,8 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
                       distill_weight=distill_weight if teacher_model is not None else 0.0,
                       token_distill_weight=token_weight if teacher_model is not None else 0.0,
                       latency_weight=latency_weight, selector_hint_weight=selector_hint, augment=augment,
-                      train_subset=train_subset, seed=seed, workers=workers,
-                      device=torch_device, resume=resume)  # fmt: skip
+                      train_subset=train_subset, seed=seed, workers=workers, densities=operating_points,
+                      densities_per_step=densities_per_step, device=torch_device, resume=resume)  # fmt: skip
     result = fit(model, data, cfg, out, model_name=plan.model, plan=plan, teacher=teacher_model,
                  latency_penalty=penalty)  # fmt: skip
     plan.save(Path(out) / "plan.yaml")

@@ -35,6 +35,18 @@ def prune(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return family_for(model).patch(model, plan)
 
 
+def set_keep(model: nn.Module, keep: tuple[float, ...] | list[float]) -> nn.Module:
+    """Switch a pruned model to another operating point in place: the same selectors, other counts.
+
+    No retraining and no new modules (a weight-shared checkpoint, ``finetune --densities``, was
+    trained for several); ``keep`` of all 1.0 runs the dense path.
+    """
+    plan = getattr(getattr(model, "module", model), "spvit_plan", None)
+    if plan is None:
+        raise ValueError("model is not pruned: call spvit_search.prune(model, plan) first")
+    return prune(getattr(model, "module", model), plan.replace(keep=tuple(float(k) for k in keep)))
+
+
 def unprune(model: nn.Module) -> nn.Module:
     """Remove selectors and restore the model's original classes, in place."""
     if getattr(model, "spvit_plan", None) is None:
@@ -51,4 +63,6 @@ def pruning_state(model: nn.Module) -> PruneState:
     return state
 
 
-__all__ = ["FAMILIES", "PruneState", "UnsupportedModelError", "family_for", "prune", "pruning_state", "unprune"]
+__all__ = [
+    "FAMILIES", "PruneState", "UnsupportedModelError", "family_for", "prune", "pruning_state", "set_keep", "unprune",
+]  # fmt: skip

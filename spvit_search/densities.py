@@ -1,0 +1,67 @@
+"""Operating points of one weight-shared model: several keep vectors over one set of selectors.
+
+Design (issue 13, after SaiT's dense/sparse training): one checkpoint, one set of selector
+locations, and a list of *densities* — keep vectors over those locations. Each training step
+runs the dense path (every stage keeping all tokens) and the sparse paths on the same batch,
+the dense path distilled from the original teacher, each sparse path from the dense path of the
+same step (its logits and its kept tokens: in-place distillation, as in slimmable networks and
+SaiT), gradients summed over the paths before one optimizer step.
+
+The selectors are shared, not conditioned on the density: training keeps each plan's exact
+top-k of the selector's scores, so a selector learns a *ranking*, and the top-k of one ranking
+are nested — the tokens a sparse density keeps are a subset of what a denser one keeps. One
+ranking then serves every count, and a density the model was not trained at (between two
+trained ones) needs nothing new; conditioning would add inputs the exported graph has to carry
+and would break that nesting. Switching is :func:`spvit_search.pruning.set_keep`.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .plan import PlanError, PruningPlan
+
+Keep = tuple[float, ...]
+
+
+def parse_densities(text: str, plan: PruningPlan) -> tuple[Keep, ...]:
+    """``"0.7,0.49,0.343;0.5,0.25,0.125"`` → keep vectors over ``plan``'s locations, checked."""
+    vectors = []
+    for i, chunk in enumerate(c for c in text.replace(" ", "").split(";") if c):
+        try:
+            keep = tuple(float(x) for x in chunk.split(","))
+        except ValueError:
+            raise PlanError(f"density {i + 1} ({chunk!r}) is not a comma-separated list of numbers") from None
+        vectors.append(keep)
+    return check_densities(tuple(vectors), plan)
+
+
+def check_densities(densities: tuple[Keep, ...], plan: PruningPlan) -> tuple[Keep, ...]:
+    """Each density a valid keep vector of ``plan``'s layout; sorted densest first, duplicates dropped."""
+    if not densities:
+        raise PlanError("give at least one density (a keep vector over the plan's locations)")
+    if not plan.spec.learned_selector:
+        raise PlanError(f"weight-shared densities train learned selectors; {plan.method!r} has none (use spvit)")
+    out = []
+    for i, keep in enumerate(densities):
+        if len(keep) != len(plan.locations):
+            raise PlanError(f"density {i + 1} {list(keep)} has {len(keep)} keep ratios; the plan has "
+                            f"{len(plan.locations)} locations {list(plan.locations)}")  # fmt: skip
+        plan.replace(keep=tuple(keep))  # the plan's own checks (ratios in (0, 1])
+        if all(k >= 1.0 for k in keep):
+            raise PlanError(f"density {i + 1} keeps every token: the dense path is always trained, leave it out")
+        out.append(tuple(float(k) for k in keep))
+    return tuple(sorted(set(out), key=lambda k: (-sum(k), k)))
+
+
+def step_paths(densities: tuple[Keep, ...], per_step: int, rng: random.Random) -> list[Keep | None]:
+    """The paths one step trains: ``None`` (dense) first, then sparse densities.
+
+    ``per_step`` 0 trains every density each step (each then gets the steps a separate fine-tune
+    would); otherwise the sandwich rule of slimmable networks: the sparsest always, plus
+    ``per_step - 1`` others drawn at random.
+    """
+    if per_step <= 0 or per_step >= len(densities):
+        return [None, *densities]
+    others = rng.sample(list(densities[:-1]), per_step - 1)
+    return [None, *sorted(others, key=lambda k: -sum(k)), densities[-1]]
