@@ -56,6 +56,64 @@ def export_onnx(
     return path
 
 
+KEEP_NAME = "keep"
+
+
+class RuntimeKeep(nn.Module):
+    """``(images, keep) -> logits`` of a pruned flat ViT whose keep ratios are an input (S,): the
+    graph of one ONNX file that serves every density of a weight-shared checkpoint."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        from .pruning import pruning_state
+
+        state = pruning_state(self.model)
+        state.runtime_keep = keep
+        try:
+            return self.model(x)
+        finally:
+            state.runtime_keep = None
+
+
+def export_onnx_switchable(model: nn.Module, path: str | Path, *, batch_size: int = 1, dynamic_batch: bool = False,
+                           opset: int = 17) -> Path:  # fmt: skip
+    """Write a pruned flat ViT as ONNX with its keep ratios as a second input (``keep``, float32
+    (S,), cumulative per stage as in a plan): one file for every density, token axes dynamic.
+
+    Each stage keeps between 1 and n - 1 of the n tokens reaching it (a stage that keeps all is
+    the dense model: export that one plainly). TFLite needs static shapes: export it per density.
+    """
+    from .pruning import family_for
+
+    plan = getattr(model, "spvit_plan", None)
+    if plan is None:
+        raise SpvitError("a run-time switchable export needs a pruned model (prune it with its plan first)")
+    family = family_for(model).name
+    if family != "vit" or plan.method not in ("spvit", "hard", "evit"):
+        raise SpvitError(f"run-time keep ratios are exported for flat ViTs pruned by spvit, hard or evit; this "
+                         f"is a {family} model pruned by {plan.method}: export each density instead")  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    ref = next(model.parameters())
+    x = torch.randn(batch_size, *input_shape(model), device=ref.device, dtype=ref.dtype)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    keep = torch.tensor(plan.keep, device=ref.device, dtype=ref.dtype)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(RuntimeKeep(model), (x, keep), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME, KEEP_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes=axes)  # fmt: skip
+    finally:
+        model.train(was_training)
+    return path
+
+
 def onnx_session(path: str | Path, threads: int = 1):
     """An onnxruntime CPU session configured as the profilers use it (no spinning, fixed threads)."""
     import onnxruntime as ort
@@ -132,9 +190,12 @@ def verify_export(model: nn.Module, path: str | Path, data: str) -> dict:
     else:
         session = onnx_session(path)
         fixed_batch = session.get_inputs()[0].shape[0]
+        # a switchable file (export_onnx_switchable) is checked at the model's own keep ratios
+        plan = getattr(model, "spvit_plan", None)
+        extra = {KEEP_NAME: np.asarray(plan.keep, np.float32)} if len(session.get_inputs()) == 2 and plan else {}
 
         def run(x):
-            return session.run(None, {INPUT_NAME: x})[0]
+            return session.run(None, {INPUT_NAME: x, **extra})[0]
 
     torch_top, export_top, labels = [], [], []
     batch = 1 if path.suffix == ".tflite" or isinstance(fixed_batch, int) else 100

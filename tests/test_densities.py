@@ -31,7 +31,7 @@ def test_density_lists_are_checked_sorted_and_named_where_wrong():
     assert got == ((0.9, 0.8, 0.7), (0.5, 0.25, 0.125))  # densest first, duplicates dropped
     with pytest.raises(PlanError, match=r"density 2 \[0.5, 0.25\] has 2 keep ratios; the plan has 3 locations"):
         parse_densities("0.9,0.8,0.7;0.5,0.25", PLAN)
-    with pytest.raises(PlanError, match="density 1 .'0.9,x,0.7'. is not a comma-separated list"):
+    with pytest.raises(PlanError, match=r"density 1 \('0.9,x,0.7'\) is not a comma-separated list"):
         parse_densities("0.9,x,0.7", PLAN)
     with pytest.raises(PlanError, match="keep ratios must be in"):
         parse_densities("0.9,0.8,1.5", PLAN)
@@ -115,3 +115,40 @@ def test_finetune_cli_takes_densities_and_refuses_bad_ones(tmp_path):
     done = runner.invoke(main, [*args, "--densities", "0.9,0.8,0.7"])
     assert done.exit_code == 0, done.output
     assert "the dense path and 2 densities each step" in done.output  # the plan's own keep is added
+
+
+def test_one_onnx_file_serves_every_density_and_matches_torch(tmp_path):
+    from spvit_search.errors import SpvitError
+    from spvit_search.export import export_onnx_switchable, onnx_session
+
+    model = sp.prune(_model(), PLAN)
+    path = export_onnx_switchable(model, tmp_path / "switchable.onnx", dynamic_batch=True)
+    session = onnx_session(path)
+    x = torch.randn(3, 3, 32, 32)
+    for keep in ((0.9, 0.8, 0.7), (0.5, 0.25, 0.125), (0.3, 0.09, 0.027), (0.75, 0.6, 0.3)):
+        with torch.no_grad():
+            expected = sp.set_keep(model, keep)(x).numpy()
+        out = session.run(None, {"image": x.numpy(), "keep": torch.tensor(keep).numpy()})[0]
+        assert out.shape == expected.shape and abs(out - expected).max() <= 1e-4, keep
+    assert model.spvit_plan.keep == (0.75, 0.6, 0.3)  # the export left the model as it was
+    with pytest.raises(SpvitError, match="needs a pruned model"):
+        export_onnx_switchable(_model(), tmp_path / "dense.onnx")
+    with pytest.raises(SpvitError, match="pruned by tome: export each density instead"):
+        export_onnx_switchable(sp.prune(_model(), PLAN.replace(method="tome", package_token=False)), tmp_path / "t")
+
+
+def test_export_cli_writes_the_switchable_file_and_verifies_it(tmp_path):
+    ckpt = tmp_path / "pruned.pt"
+    model = sp.prune(_model(), PLAN)
+    torch.save({"model": model.state_dict()}, ckpt)
+    plan_file = tmp_path / "plan.yaml"
+    PLAN.save(plan_file)
+    runner = CliRunner()
+    out = tmp_path / "sw.onnx"
+    done = runner.invoke(main, ["export", "--plan", str(plan_file), "--checkpoint", str(ckpt), "--switchable",
+                                "--out", str(out)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "input 'keep' takes 3 cumulative keep ratios" in done.output and "same top-1 on 400/400" in done.output
+    tflite = runner.invoke(main, ["export", "--plan", str(plan_file), "--checkpoint", str(ckpt), "--switchable",
+                                  "--format", "tflite", "--out", str(tmp_path / "sw.tflite")])  # fmt: skip
+    assert tflite.exit_code != 0 and "TFLite needs static shapes" in tflite.output

@@ -157,13 +157,16 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="output file (default: beside --checkpoint)")
 @click.option("--data", default="demo", show_default=True, help="data whose test split verifies the export")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="compare top-1 with torch on test")
+@click.option("--switchable", is_flag=True,
+              help="ONNX with the keep ratios as a second input ('keep', float32, one per stage): one file "
+              "for every density of a weight-shared checkpoint (finetune --densities)")  # fmt: skip
 @user_errors
-def export(plan_file, model_name, checkpoint, fmt, out, data, verify):
+def export(plan_file, model_name, checkpoint, fmt, out, data, verify, switchable):
     """Export a (fine-tuned) pruned model to ONNX or TFLite and check it agrees with torch."""
     from pathlib import Path
 
     from ..errors import SpvitError
-    from ..export import export_onnx, export_tflite, verify_export
+    from ..export import export_onnx, export_onnx_switchable, export_tflite, verify_export
     from ..models import build_model
     from ..plan import PruningPlan
 
@@ -175,8 +178,15 @@ def export(plan_file, model_name, checkpoint, fmt, out, data, verify):
     if out is None:
         base = Path(checkpoint).with_suffix("") if checkpoint else Path(name)
         out = base.with_name(base.name + ("-pruned" if plan and not plan.is_dense else "")).with_suffix(f".{fmt}")
-    path = (export_onnx if fmt == "onnx" else export_tflite)(model, out)
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if switchable:
+        if fmt != "onnx" or plan is None:
+            raise SpvitError("--switchable writes ONNX (TFLite needs static shapes) of a pruned model: give --plan")
+        path = export_onnx_switchable(model, out)
+        click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input 'keep' takes {len(plan.keep)} "
+                   "cumulative keep ratios, one per stage")  # fmt: skip
+    else:
+        path = (export_onnx if fmt == "onnx" else export_tflite)(model, out)
+        click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if verify:
         report = verify_export(model, path, data)
         click.echo(f"test split: torch top-1 {report['torch_acc']:.2f}%, {fmt} top-1 {report['export_acc']:.2f}%, "

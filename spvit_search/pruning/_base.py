@@ -143,7 +143,8 @@ class ModelFamily(ABC):
         layout, blocks = self.layout(model), self.blocks(model)
         self._swap_in(model, layout.stages[0].prefix)
         ref = next(model.parameters())
-        for loc, keep, before in zip(plan.locations, plan.keep, layout.previous_keep(plan), strict=True):
+        for index, (loc, keep, before) in enumerate(zip(plan.locations, plan.keep, layout.previous_keep(plan),
+                                                        strict=True)):  # fmt: skip
             stage = layout.stage_at(loc)
             if plan.method == "tome":
                 keys = KeyReader(blocks[loc - 1].attn) if loc > 0 else None
@@ -154,6 +155,7 @@ class ModelFamily(ABC):
                 else:
                     scorer = ClsAttentionScorer(blocks[loc - 1].attn, stage.prefix)
                 reducer = TokenReducer(scorer, keep, plan.package_token, previous_keep=before)
+            reducer.stage_index = index
             reducer = reducer.to(device=ref.device, dtype=ref.dtype)
             reducer.train(model.training)
             blocks[loc].token_selector = reducer

@@ -55,6 +55,7 @@ class TokenReducer(nn.Module):
         self.previous_keep = previous_keep  # a stage keeping as much as the one before does nothing
         self.package_token = package_token
         self.tau = tau
+        self.stage_index = 0  # which entry of a run-time keep vector is this stage's (set when installed)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, package_token={self.package_token}"
@@ -62,6 +63,8 @@ class TokenReducer(nn.Module):
     def forward(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
         if state.num_patches is None:
             state.num_patches = x.shape[1] - state.num_prefix - state.num_packages
+        if state.runtime_keep is not None:
+            return self._gather_runtime(x, state)
         if self.keep >= self.previous_keep:  # in training too: it removes no token at inference
             return x
         if hasattr(self.scorer, "num_prefix"):  # class attention is read past this stage's prefix
@@ -89,6 +92,24 @@ class TokenReducer(nn.Module):
         scores, order = keep_logp.topk(n, dim=1, sorted=True)
         ranked = gather_tokens(patches, order)
         package = fold_ranked_tail(ranked, scores, k)
+        state.num_packages += 1
+        return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], package], dim=1)
+
+    def _gather_runtime(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
+        """``_gather`` with the count computed in the graph from ``state.runtime_keep``: one exported
+        file serves every density (the token axis is dynamic after each stage). The count is
+        ``kept_count``'s rounding, kept between 1 and n - 1: every stage prunes at least one token,
+        so its package token always has members (the dense point is the plain export)."""
+        p, n_pkg = state.num_prefix, state.num_packages
+        n = x.shape[1] - p - n_pkg
+        keep = state.runtime_keep[self.stage_index]
+        k = torch.floor(keep * state.num_patches + 0.5).clamp(min=1, max=n - 1).to(torch.int64)
+        patches = x[:, p : p + n]
+        scores, order = _keep_logp(self.scorer, patches).topk(n, dim=1, sorted=True)
+        ranked = gather_tokens(patches, order)
+        if not self.package_token:
+            return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :]], dim=1)
+        package = torch.softmax(scores[:, k:], dim=1).unsqueeze(1) @ ranked[:, k:]  # fold_ranked_tail at a tensor k
         state.num_packages += 1
         return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], package], dim=1)
 

@@ -1,0 +1,109 @@
+"""The run-time switchable ONNX file against a static export at each density (issue 13).
+
+For each model, a pruned model at the family's default 3 locations is exported once with its keep
+ratios as an input (``export_onnx_switchable``) and once per density as a static file
+(``export_onnx``). All files run on this host's onnxruntime CPU provider (1 thread, batch 1, no
+spinning: the profilers' session), interleaved: every round times each (density, file) pair in
+a fresh random order, ``--runs`` inferences each, after warm-up; the figure is the median over
+rounds of each pair's per-round median, and the ratio switchable/static is taken within a round
+first (this host's speed drifts). Outputs are compared with torch at each density.
+
+Latency does not depend on the weights (the token counts are fixed by the keep ratios), so the
+models have their initial weights.
+
+    python benchmarks/switchable.py [--models vit_demo_fashion,deit_tiny_patch16_224]
+        [--ratios 0.9,0.8,0.7,0.6] [--rounds 15] [--runs 20] [--results benchmarks/results/switchable.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import spvit_search as sp
+from spvit_search.export import export_onnx, export_onnx_switchable, onnx_session
+from spvit_search.models import create_model
+
+
+def _timed(session, feeds: dict, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bench_model(name: str, ratios: list[float], rounds: int, runs: int) -> dict:
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    locations = sp.pruning.family_for(model).default_locations(model, 3)
+    densities = [tuple(round(r ** (i + 1), 4) for i in range(len(locations))) for r in ratios]
+    sp.prune(model, sp.PruningPlan(locations=locations, keep=densities[-1]))
+    x = torch.randn(1, *model.default_cfg["input_size"])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        switchable = onnx_session(export_onnx_switchable(model, Path(tmp) / "switchable.onnx"))
+        static = {}
+        for keep in densities:
+            sp.set_keep(model, keep)
+            static[keep] = onnx_session(export_onnx(model, Path(tmp) / f"static-{'-'.join(map(str, keep))}.onnx"))
+            with torch.no_grad():
+                expected = model(x).numpy()
+            out = switchable.run(None, {"image": x.numpy(), "keep": np.asarray(keep, np.float32)})[0]
+            rows.append({"keep": list(keep), "max_abs_diff_vs_torch": float(np.abs(out - expected).max()),
+                         "tokens_per_block": list(sp.pruning_state(model).token_counts)})  # fmt: skip
+        pairs = [(keep, kind) for keep in densities for kind in ("static", "switchable")]
+        feeds = {
+            (keep, "static"): (static[keep], {"image": x.numpy()}) for keep in densities
+        } | {(keep, "switchable"): (switchable, {"image": x.numpy(), "keep": np.asarray(keep, np.float32)})
+             for keep in densities}  # fmt: skip
+        for session, feed in feeds.values():  # warm-up
+            _timed(session, feed, 5)
+        per_round = {p: [] for p in pairs}
+        rng = random.Random(0)
+        for _ in range(rounds):
+            rng.shuffle(pairs)
+            for p in pairs:
+                per_round[p].append(_timed(*feeds[p], runs))
+    for row, keep in zip(rows, densities, strict=True):
+        s, w = per_round[(keep, "static")], per_round[(keep, "switchable")]
+        row.update(static_ms=round(statistics.median(s), 4), switchable_ms=round(statistics.median(w), 4),
+                   ratio=round(statistics.median(b / a for a, b in zip(s, w, strict=True)), 4))  # fmt: skip
+    return {"model": name, "locations": list(locations), "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="vit_demo_fashion,deit_tiny_patch16_224", type=lambda s: s.split(","))
+    ap.add_argument("--ratios", default="0.9,0.8,0.7,0.6", type=lambda s: [float(v) for v in s.split(",")])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "switchable.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {"onnxruntime": ort.__version__, "threads": 1, "batch": 1, "rounds": args.rounds, "runs": args.runs,
+               "models": [bench_model(m, args.ratios, args.rounds, args.runs) for m in args.models]}  # fmt: skip
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1))
+    print("| model | keep | tokens per block | static (ms) | switchable (ms) | switchable / static | max |Δ| |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for m in results["models"]:
+        for r in m["rows"]:
+            print(f"| {m['model']} | {'/'.join(f'{k:g}' for k in r['keep'])} | {r['tokens_per_block']} | "
+                  f"{r['static_ms']:.3f} | {r['switchable_ms']:.3f} | {r['ratio']:.3f} | "
+                  f"{r['max_abs_diff_vs_torch']:.1e} |")  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()
