@@ -31,26 +31,27 @@ def export_onnx(
     opset: int = 17,
 ) -> Path:
     """Write ``model`` (pruned or dense, in eval mode) to ``path`` as ONNX and return the path."""
+    return _export(model, model, path, batch_size, dynamic_batch, opset)
+
+
+def _export(model: nn.Module, graph: nn.Module, path: str | Path, batch_size: int, dynamic_batch: bool, opset: int,
+            keep: tuple[float, ...] | None = None) -> Path:  # fmt: skip
+    """Trace ``graph`` (``model`` itself, or a wrapper of it taking ``keep`` too) into ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     ref = next(model.parameters())
-    x = torch.randn(batch_size, *input_shape(model), device=ref.device, dtype=ref.dtype)
+    inputs = [torch.randn(batch_size, *input_shape(model), device=ref.device, dtype=ref.dtype)]
+    if keep is not None:
+        inputs.append(torch.tensor(keep, device=ref.device, dtype=ref.dtype))
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=axes,
-            )
+            torch.onnx.export(graph, tuple(inputs), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME, KEEP_NAME][: len(inputs)], output_names=[OUTPUT_NAME],
+                              dynamic_axes=axes)  # fmt: skip
     finally:
         model.train(was_training)
     return path
@@ -95,23 +96,7 @@ def export_onnx_switchable(model: nn.Module, path: str | Path, *, batch_size: in
     if family != "vit" or plan.method not in ("spvit", "hard", "evit"):
         raise SpvitError(f"run-time keep ratios are exported for flat ViTs pruned by spvit, hard or evit; this "
                          f"is a {family} model pruned by {plan.method}: export each density instead")  # fmt: skip
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
-    ref = next(model.parameters())
-    x = torch.randn(batch_size, *input_shape(model), device=ref.device, dtype=ref.dtype)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    keep = torch.tensor(plan.keep, device=ref.device, dtype=ref.dtype)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(RuntimeKeep(model), (x, keep), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME, KEEP_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes=axes)  # fmt: skip
-    finally:
-        model.train(was_training)
-    return path
+    return _export(model, RuntimeKeep(model), path, batch_size, dynamic_batch, opset, plan.keep)
 
 
 def onnx_session(path: str | Path, threads: int = 1):
