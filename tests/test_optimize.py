@@ -285,3 +285,24 @@ def test_optimize_for_the_ssh_board(tmp_path, demo):
         assert plan_ms < dense_ms and plan_pred < dense_pred, (plan_ms, dense_ms, plan_pred, dense_pred)
     finally:
         server.stop()
+
+
+def test_several_targets_give_one_plan_each(tmp_path, demo):
+    targets = [round(demo["dense_ms"] * r, 3) for r in (0.75, 0.9)]
+    out = tmp_path / "plan.yaml"
+    args = _args(demo, "--targets", ",".join(map(str, targets)), "--trials", "25", "--verify-top", "0",
+                 "--out", str(out), "--json")  # fmt: skip
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    summaries = json.loads(done.output)
+    assert [s["target_ms"] for s in summaries] == targets
+    latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), build_model(MODEL), MODEL,
+                                     root=demo["tables"])  # fmt: skip
+    predicted = []
+    for target in targets:
+        plan = sp.PruningPlan.load(tmp_path / f"plan-{target:g}ms.yaml")
+        assert plan.target_ms == target and latency.predict(plan).total_ms <= target
+        predicted.append(latency.predict(plan).total_ms)
+    assert predicted[0] < predicted[1]  # the looser budget buys a plan that keeps more
+    both = CliRunner().invoke(main, [*args, "--target-ms", "1"])
+    assert both.exit_code == 2 and "--targets runs one search per target" in both.output

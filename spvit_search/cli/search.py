@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -23,6 +24,9 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @click.option("--device", "device_name", default="local", show_default=True)
 @click.option("--model", "model_name", required=True, help="timm model name")
 @click.option("--target-ms", type=float, default=None, help="latency budget on the device")
+@click.option("--targets", default=None,
+              help="several budgets in ms, e.g. 20,26,35: one search and plan per target (plan-26ms.yaml beside "
+              "--out), e.g. the operating points of one weight-shared checkpoint (finetune --densities)")  # fmt: skip
 @click.option("--target-share", type=float, default=None,
               help="budget as a share of the unpruned model, e.g. 0.7: judged against it measured in the same "
                    "session as each candidate (robust to a device whose speed drifts)")  # fmt: skip
@@ -59,18 +63,19 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @devices_option
 @click.pass_context
 @user_errors
-def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, data, calib_images, objective, methods,
-             locations, search_locations, stages, trials, min_keep_factor, step, storage, study_name, workers, sampler,
-             seed, multi_objective, proxy, verify_top, threads, tables, out, plot_file, as_json, worker,
-             devices_file):  # fmt: skip
+def optimize(ctx, device_name, model_name, target_ms, targets, target_share, checkpoint, data, calib_images,
+             objective, methods, locations, search_locations, stages, trials, min_keep_factor, step, storage,
+             study_name, workers, sampler, seed, multi_objective, proxy, verify_top, threads, tables, out, plot_file,
+             as_json, worker, devices_file):  # fmt: skip
     """Search keep ratios that meet the target on DEVICE with the best accuracy; write plan.yaml."""
     from pathlib import Path
 
-    from ..optimize import OptimizeSettings, plot_trials, run_study
+    from ..optimize import OptimizeSettings, run_study
     from ..optimize import optimize as run_optimize
 
-    if (target_ms is None) == (target_share is None):
-        raise click.UsageError("give one target: --target-ms (absolute) or --target-share (of the unpruned model)")
+    if targets is None and (target_ms is None) == (target_share is None):
+        raise click.UsageError("give one target: --target-ms (absolute), --target-share (of the unpruned model), "
+                               "or several in ms with --targets")
     if methods is None or proxy is None:
         from ..models import create_model
         from ..pruning import UnsupportedModelError, family_for
@@ -96,7 +101,29 @@ def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, 
         run_study(model_name, device, settings, worker_only=True)
         return
     argv = [a for a in sys.argv[1:] if a != "--worker"]
-    result = run_optimize(model_name, device, settings, out, worker_argv=argv)
+    budgets = [None] if targets is None else parse_list(targets, float, "--targets")
+    if targets is not None and (target_ms is not None or target_share is not None or workers > 1):
+        raise click.UsageError("--targets runs one search per target: give it instead of --target-ms/--target-share, "
+                               "without --workers")  # fmt: skip
+    summaries = []
+    for budget in budgets:
+        each, plan_out, plot_out = settings, out, plot_file
+        if budget is not None:  # one plan per target for the one checkpoint: plan-26ms.yaml beside --out
+            each = dataclasses.replace(settings, target_ms=budget)
+            plan_out = Path(out).with_name(f"{Path(out).stem}-{budget:g}ms{Path(out).suffix}")
+            plot_out = None
+        result = run_optimize(model_name, device, each, plan_out, worker_argv=argv)
+        summaries.append(_report(result, each, model_name, device, plan_out, plot_out, multi_objective, as_json))
+    if as_json:
+        click.echo(json.dumps(summaries[0] if targets is None else summaries, indent=2, default=str))
+
+
+def _report(result, settings, model_name, device, out, plot_file, multi_objective: bool, as_json: bool) -> dict:
+    """Plot one search, print its summary (unless ``as_json``) and return it as a dict."""
+    from pathlib import Path
+
+    from ..optimize import plot_trials
+
     target_ms = settings.target_ms  # with --target-share: the budget the chosen plan was measured against
     png = plot_trials(result, settings, plot_file or Path(out).with_suffix(".png"),
                       f"{model_name} on {device.name}, target {target_ms:g} ms")  # fmt: skip
@@ -114,8 +141,7 @@ def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, 
             for t in sorted(result.study.best_trials, key=lambda t: t.values[1])
         ]  # fmt: skip
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
-        return
+        return summary
     c = result.counts
     measured = "not measured" if result.measured_ms is None else f"measured {result.measured_ms:.3f} ms"
     click.echo(f"{out}: {model_name} {plan.method} keep={list(plan.keep)} at {list(plan.locations)}, "
@@ -142,6 +168,7 @@ def optimize(ctx, device_name, model_name, target_ms, target_share, checkpoint, 
     if multi_objective:
         click.echo(f"  Pareto front: {len(summary['pareto_front'])} plans (see --json)")
     click.echo(f"  plot: {png}")
+    return summary
 
 
 @main.command()
