@@ -75,7 +75,7 @@ def optimize(ctx, device_name, model_name, target_ms, targets, target_share, che
 
     if targets is None and (target_ms is None) == (target_share is None):
         raise click.UsageError("give one target: --target-ms (absolute), --target-share (of the unpruned model), "
-                               "or several in ms with --targets")
+                               "or several in ms with --targets")  # fmt: skip
     if methods is None or proxy is None:
         from ..models import create_model
         from ..pruning import UnsupportedModelError, family_for
