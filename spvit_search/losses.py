@@ -77,6 +77,9 @@ class SelectorHint(nn.Module):
             stage = layout.stage_at(loc)
             reader = blocks[loc - 1] if loc > stage.start else blocks[loc]
             self.readers.append(ClsAttentionScorer(reader.attn, stage.prefix))
+        # the teacher's attention of the last teacher forward, per reader: weight-shared training
+        # reads it once for each sparse path of the same step
+        self._attention: list[torch.Tensor | None] = [None] * len(self.readers)
 
     def remove(self) -> None:
         for reader in self.readers:
@@ -87,9 +90,13 @@ class SelectorHint(nn.Module):
         from .plan import kept_count
 
         losses, previous = [], None
-        for reader, logp, policy, keep in zip(self.readers, state.keep_logp, state.decisions, state.targets,
-                                              strict=True):  # fmt: skip
-            attention = reader.class_attention(logp.shape[1])
+        for i, (reader, logp, policy, keep) in enumerate(zip(self.readers, state.keep_logp, state.decisions,
+                                                              state.targets, strict=True)):  # fmt: skip
+            if reader._qkv is not None:  # the teacher ran since the last read
+                self._attention[i] = reader.class_attention(logp.shape[1])
+            attention = self._attention[i]
+            if attention is None or attention.shape != logp.shape:
+                raise RuntimeError("the selector hint ran before the teacher's forward of these images")
             same_grid = previous is not None and previous.shape == logp.shape  # a new grid starts whole
             alive = previous.detach() if same_grid else torch.ones_like(logp)
             ranked = attention.masked_fill(alive <= 0, float("-inf"))

@@ -77,7 +77,7 @@ def test_weight_shared_fine_tune_trains_every_path_and_saves_the_plans_point(tmp
     teacher = _model(1)
     ops = ((0.8, 0.64, 0.512), (0.5, 0.25, 0.125))
     cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, train_subset=64, augment=False, densities=ops,
-                      ratio_weight=5.0)  # fmt: skip
+                      ratio_weight=5.0, selector_hint_weight=1.0)  # fmt: skip
     student = sp.prune(copy.deepcopy(teacher), PLAN)
     before = copy.deepcopy(student.state_dict())
     result = fit(student, "demo", cfg, tmp_path / "shared", model_name=MODEL, plan=PLAN, teacher=teacher,
@@ -86,7 +86,7 @@ def test_weight_shared_fine_tune_trains_every_path_and_saves_the_plans_point(tmp
     with (tmp_path / "shared" / "metrics.csv").open() as fh:
         row = next(csv.DictReader(fh))
     assert [round(float(k), 2) for k in row["kept"].split("/")] == [0.5, 0.25, 0.12]  # the sparsest path logged
-    assert float(row["ratio"]) > 0 and float(row["distill"]) > 0 and float(row["tokens"]) > 0
+    assert all(float(row[k]) > 0 for k in ("ratio", "distill", "tokens", "hint"))  # the hint on every sparse path
     saved = torch.load(result.model_file, weights_only=True)
     assert [tuple(k) for k in saved["config"]["densities"]] == list(ops)
     moved = [k for k, v in read_state(result.model_file).items() if not torch.equal(v, before[k])]

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..plan import PruningPlan
 from ._base import ModelFamily, UnsupportedModelError
+from .adaptive import AdaptiveCount
 from .pit import PitFamily
 from .state import PruneState
 from .swin import SwinFamily
@@ -47,6 +48,21 @@ def set_keep(model: nn.Module, keep: tuple[float, ...] | list[float]) -> nn.Modu
     return prune(getattr(model, "module", model), plan.replace(keep=tuple(float(k) for k in keep)))
 
 
+def set_adaptive(model: nn.Module, adaptive: AdaptiveCount | None) -> nn.Module:
+    """Per-image token counts at inference (``None``: the plan's fixed counts again); flat ViTs
+    with learned selectors. See :mod:`spvit_search.pruning.adaptive`."""
+    inner = getattr(model, "module", model)
+    plan = getattr(inner, "spvit_plan", None)
+    if plan is None:
+        raise ValueError("model is not pruned: call spvit_search.prune(model, plan) first")
+    # EViT's class attention would also need the padded slots masked out of its softmax: not yet
+    if adaptive is not None and (family_for(inner).name != "vit" or not plan.spec.learned_selector):
+        raise UnsupportedModelError(f"adaptive counts are for flat ViTs with learned selectors (spvit, hard), not "
+                                    f"{family_for(inner).name} pruned by {plan.method}")  # fmt: skip
+    pruning_state(inner).adaptive = adaptive
+    return model
+
+
 def unprune(model: nn.Module) -> nn.Module:
     """Remove selectors and restore the model's original classes, in place."""
     if getattr(model, "spvit_plan", None) is None:
@@ -64,5 +80,6 @@ def pruning_state(model: nn.Module) -> PruneState:
 
 
 __all__ = [
-    "FAMILIES", "PruneState", "UnsupportedModelError", "family_for", "prune", "pruning_state", "set_keep", "unprune",
+    "FAMILIES", "AdaptiveCount", "PruneState", "UnsupportedModelError", "family_for", "prune", "pruning_state",
+    "set_adaptive", "set_keep", "unprune",
 ]  # fmt: skip

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..plan import kept_count
+from .adaptive import gather_adaptive
 from .package import fold_package, fold_ranked_tail
 from .state import PruneState
 
@@ -80,6 +81,10 @@ class TokenReducer(nn.Module):
         if k >= n:
             return x
         patches = x[:, p : p + n]
+        if state.adaptive is not None:  # per-image counts; padded slots of a batch left out of the global mean
+            padded = state.patch_policy
+            keep_logp = self.scorer(patches, padded)[..., 1] if padded is not None else _keep_logp(self.scorer, patches)
+            return gather_adaptive(x, keep_logp, self.keep, self.package_token, state)
         keep_logp = _keep_logp(self.scorer, patches)  # (B, n)
         # Kept tokens come in score order: blocks are permutation-equivariant after the position
         # embedding, and LiteRT has no kernel for sorting them back into image order.

@@ -39,6 +39,9 @@ class PruneState:
     #: keep ratios given at run time, (S,) — one graph for every density (export.RuntimeKeep);
     #: set around a forward by that wrapper, so reset() leaves it alone
     runtime_keep: torch.Tensor | None = None
+    #: per-image counts (pruning.adaptive.AdaptiveCount), set by set_adaptive; reset() leaves it too
+    adaptive: object | None = None
+    adaptive_counts: list[torch.Tensor] = field(default_factory=list)  # eval, adaptive: (B,) kept per stage
 
     def reset(self) -> None:
         self.num_patches = None
@@ -56,6 +59,7 @@ class PruneState:
         self.parked = []
         self.prefix_policy = None
         self.score_map = None
+        self.adaptive_counts = []
 
     @property
     def differentiable_fraction(self) -> list[torch.Tensor]:
