@@ -99,6 +99,35 @@ def export_onnx_switchable(model: nn.Module, path: str | Path, *, batch_size: in
     return _export(model, RuntimeKeep(model), path, batch_size, dynamic_batch, opset, plan.keep)
 
 
+class _AdaptiveGraph(nn.Module):
+    """A pruned model whose per-image counts (``set_adaptive``) are computed in the graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .pruning import pruning_state
+
+        state = pruning_state(self.model)
+        state.runtime_adaptive = True
+        try:
+            return self.model(x)
+        finally:
+            state.runtime_adaptive = False
+
+
+def export_onnx_adaptive(model: nn.Module, path: str | Path, *, opset: int = 17) -> Path:
+    """Write a pruned flat ViT with adaptive per-image counts (``set_adaptive``) as a batch-1 ONNX
+    graph: each stage's count is computed from the image's keep probabilities in the graph, so the
+    file runs every image at its own count (dynamic token axes; batch 1 only)."""
+    from .pruning import pruning_state
+
+    if getattr(model, "spvit_plan", None) is None or pruning_state(model).adaptive is None:
+        raise SpvitError("an adaptive export needs a pruned model with set_adaptive(model, AdaptiveCount(...))")
+    return _export(model, _AdaptiveGraph(model), path, 1, False, opset)
+
+
 def onnx_session(path: str | Path, threads: int = 1):
     """An onnxruntime CPU session configured as the profilers use it (no spinning, fixed threads)."""
     import onnxruntime as ort

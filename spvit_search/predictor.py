@@ -258,6 +258,14 @@ class PlanLatency:
         self.calibration = cal
         return cal
 
+    def predict_counts(self, plan: PruningPlan, counts: np.ndarray) -> np.ndarray:
+        """Predicted ms of each image (I,) from the patch tokens it kept at each stage (I, S), e.g.
+        the per-image counts of adaptive inference (``PruneState.adaptive_counts``): the latency
+        distribution of a plan over a set of images."""
+        patches = self.layout.stages[0].patches
+        keep = np.asarray(counts, float) / patches  # kept_count(k / N, N) == k
+        return self.predict_many(keep, plan.locations, plan.method, plan.package_token)
+
     def correct_drift(self, measured: list[tuple[PruningPlan, float]]) -> float:
         """Scale every prediction by the median measured/predicted ratio of ``measured``: whole-model
         runs of this session, near the budget being searched. Returns the factor (1: none).

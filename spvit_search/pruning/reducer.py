@@ -64,7 +64,7 @@ class TokenReducer(nn.Module):
     def forward(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
         if state.num_patches is None:
             state.num_patches = x.shape[1] - state.num_prefix - state.num_packages
-        if state.runtime_keep is not None:
+        if state.runtime_keep is not None or (state.runtime_adaptive and not self.training):
             return self._gather_runtime(x, state)
         if self.keep >= self.previous_keep:  # in training too: it removes no token at inference
             return x
@@ -107,10 +107,14 @@ class TokenReducer(nn.Module):
         so its package token always has members (the dense point is the plain export)."""
         p, n_pkg = state.num_prefix, state.num_packages
         n = x.shape[1] - p - n_pkg
-        keep = state.runtime_keep[self.stage_index]
-        k = torch.floor(keep * state.num_patches + 0.5).clamp(min=1, max=n - 1).to(torch.int64)
         patches = x[:, p : p + n]
-        scores, order = _keep_logp(self.scorer, patches).topk(n, dim=1, sorted=True)
+        keep_logp = _keep_logp(self.scorer, patches)
+        if state.runtime_keep is not None:
+            keep = state.runtime_keep[self.stage_index]
+            k = torch.floor(keep * state.num_patches + 0.5).clamp(min=1, max=n - 1).to(torch.int64)
+        else:  # the adaptive count of the one image of an exported graph (export_onnx_adaptive)
+            k = state.adaptive.counts(keep_logp, torch.ones_like(keep_logp), self.keep, state.num_patches)[0]
+        scores, order = keep_logp.topk(n, dim=1, sorted=True)
         ranked = gather_tokens(patches, order)
         if not self.package_token:
             return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :]], dim=1)

@@ -41,6 +41,7 @@ class PruneState:
     runtime_keep: torch.Tensor | None = None
     #: per-image counts (pruning.adaptive.AdaptiveCount), set by set_adaptive; reset() leaves it too
     adaptive: object | None = None
+    runtime_adaptive: bool = False  # the count computed in the graph (an exported batch-1 adaptive model)
     adaptive_counts: list[torch.Tensor] = field(default_factory=list)  # eval, adaptive: (B,) kept per stage
 
     def reset(self) -> None:
