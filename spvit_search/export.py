@@ -60,23 +60,24 @@ def _export(model: nn.Module, graph: nn.Module, path: str | Path, batch_size: in
 KEEP_NAME = "keep"
 
 
-class RuntimeKeep(nn.Module):
-    """``(images, keep) -> logits`` of a pruned flat ViT whose keep ratios are an input (S,): the
-    graph of one ONNX file that serves every density of a weight-shared checkpoint."""
+class RuntimeCounts(nn.Module):
+    """A pruned flat ViT whose token counts are computed in the graph: from a ``keep`` input (S,)
+    (one file for every density of a weight-shared checkpoint), or, without one, from each
+    image's keep probabilities (adaptive counts, ``set_adaptive``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         from .pruning import pruning_state
 
         state = pruning_state(self.model)
-        state.runtime_keep = keep
+        state.runtime_keep, state.runtime_adaptive = keep, keep is None
         try:
             return self.model(x)
         finally:
-            state.runtime_keep = None
+            state.runtime_keep, state.runtime_adaptive = None, False
 
 
 def export_onnx_switchable(model: nn.Module, path: str | Path, *, batch_size: int = 1, dynamic_batch: bool = False,
@@ -96,25 +97,7 @@ def export_onnx_switchable(model: nn.Module, path: str | Path, *, batch_size: in
     if family != "vit" or plan.method not in ("spvit", "hard", "evit"):
         raise SpvitError(f"run-time keep ratios are exported for flat ViTs pruned by spvit, hard or evit; this "
                          f"is a {family} model pruned by {plan.method}: export each density instead")  # fmt: skip
-    return _export(model, RuntimeKeep(model), path, batch_size, dynamic_batch, opset, plan.keep)
-
-
-class _AdaptiveGraph(nn.Module):
-    """A pruned model whose per-image counts (``set_adaptive``) are computed in the graph."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .pruning import pruning_state
-
-        state = pruning_state(self.model)
-        state.runtime_adaptive = True
-        try:
-            return self.model(x)
-        finally:
-            state.runtime_adaptive = False
+    return _export(model, RuntimeCounts(model), path, batch_size, dynamic_batch, opset, plan.keep)
 
 
 def export_onnx_adaptive(model: nn.Module, path: str | Path, *, opset: int = 17) -> Path:
@@ -125,7 +108,7 @@ def export_onnx_adaptive(model: nn.Module, path: str | Path, *, opset: int = 17)
 
     if getattr(model, "spvit_plan", None) is None or pruning_state(model).adaptive is None:
         raise SpvitError("an adaptive export needs a pruned model with set_adaptive(model, AdaptiveCount(...))")
-    return _export(model, _AdaptiveGraph(model), path, 1, False, opset)
+    return _export(model, RuntimeCounts(model), path, 1, False, opset)
 
 
 def onnx_session(path: str | Path, threads: int = 1):

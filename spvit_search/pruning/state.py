@@ -36,7 +36,7 @@ class PruneState:
     prefix_policy: torch.Tensor | None = None  # train: (B, num_prefix) keep mask of the prefix (carried packages)
     # Window pruning (Swin): the active location's token scores (B, H, W) and its selector
     score_map: tuple[torch.Tensor, object] | None = None
-    #: keep ratios given at run time, (S,) — one graph for every density (export.RuntimeKeep);
+    #: keep ratios given at run time, (S,) — one graph for every density (export.RuntimeCounts);
     #: set around a forward by that wrapper, so reset() leaves it alone
     runtime_keep: torch.Tensor | None = None
     #: per-image counts (pruning.adaptive.AdaptiveCount), set by set_adaptive; reset() leaves it too
