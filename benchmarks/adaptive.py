@@ -196,12 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1))
         r = results["seeds"][str(seed)]
+        pad = r["batched_64"]
         print(f"seed {seed}: scale {r['scale']}, top-1 fixed {r['test_top1']['fixed']:.2f}% adaptive "
               f"{r['test_top1']['adaptive']:.2f}%; measured mean fixed {r['measured_ms']['fixed']['mean']:.3f} "
               f"adaptive {r['measured_ms']['adaptive']['mean']:.3f} ms; adaptive p50/p95 predicted "
               f"{r['predicted_ms']['adaptive']['p50']:.3f}/{r['predicted_ms']['adaptive']['p95']:.3f} measured "
               f"{r['measured_ms']['adaptive']['p50']:.3f}/{r['measured_ms']['adaptive']['p95']:.3f}; batched: "
-              f"padded {r['batched_64']['padded_slot_share']}, time ×{r['batched_64']['time_adaptive_over_fixed']}")  # fmt: skip
+              f"padded {pad['padded_slot_share']}, time ×{pad['time_adaptive_over_fixed']}")  # fmt: skip
     return results
 
 
