@@ -64,7 +64,8 @@ class Bench:
         self.setting = {"model": MODEL, "teacher_sha256": shipped_sha256(DATA_SETTINGS[DATA]), "epochs": args.epochs,
                         "finetune_subset": args.finetune_subset, "locations": list(self.locations),
                         "densities": [list(k) for k in self.densities], "selector_hint": SELECTOR_HINT,
-                        "selector_warmup": SELECTOR_WARMUP}  # fmt: skip
+                        "selector_warmup": SELECTOR_WARMUP,
+                        "shared_recipe": "dense loss + mean of the sparse losses, no ratio loss"}  # fmt: skip
         self.results = json.loads(args.results.read_text()) if args.results.exists() else {}
         if self.results.get("setting") not in (None, self.setting):
             raise SystemExit(f"{args.results} holds a run with other settings: give another --results (and --out)")

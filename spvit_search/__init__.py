@@ -12,16 +12,17 @@ from . import (
     zoo,  # noqa: F401  (registers vit_demo_digits with timm)
 )
 from .errors import SpvitError
-from .export import export_onnx
+from .export import export_onnx, export_onnx_adaptive, export_onnx_switchable
 from .flops import count_flops
 from .plan import METHODS, PlanError, PruningPlan, kept_count
-from .pruning import UnsupportedModelError, prune, pruning_state, set_keep, unprune
+from .pruning import AdaptiveCount, UnsupportedModelError, prune, pruning_state, set_adaptive, set_keep, unprune
 from .pruning.merge import tome_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdaptiveCount",
     "PlanError",
     "PruningPlan",
     "SpvitError",
@@ -29,9 +30,12 @@ __all__ = [
     "__version__",
     "count_flops",
     "export_onnx",
+    "export_onnx_adaptive",
+    "export_onnx_switchable",
     "kept_count",
     "prune",
     "pruning_state",
+    "set_adaptive",
     "set_keep",
     "tome_schedule",
     "unprune",

@@ -275,7 +275,7 @@ def _path_losses(cfg: TrainConfig, model: nn.Module, logits: torch.Tensor, featu
     features) of the teacher or, for a sparse path of weight-shared training, of the dense path.
     ``sparse``: learned selectors acted; ``dense``: no token was removed (the teacher's layout)."""
     parts = {"task": F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)}
-    if sparse and state.kept_fraction:
+    if sparse and state.kept_fraction and not cfg.densities:  # weight-shared: see densities.py
         parts["ratio"] = cfg.ratio_weight * ratio_loss(state)
     if reference is not None:
         t_logits, t_features = reference
@@ -432,6 +432,8 @@ def fit(
                     parts = _path_losses(cfg, model, logits, features, labels, state, sparse, dense, reference,
                                          hint, latency_penalty if sparse else None)  # fmt: skip
                     path_loss = sum(parts.values())
+                    if cfg.densities and keep is not None:  # the dense path weighs as much as all sparse ones
+                        path_loss = path_loss / (len(paths) - 1)
                     path_loss.backward()
                 loss = loss + path_loss.detach()
                 for k, v in parts.items():
