@@ -43,7 +43,7 @@ def _timed(session, feeds: dict, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def bench_model(name: str, ratios: list[float], rounds: int, runs: int) -> dict:
+def bench_model(name: str, ratios: list[float], rounds: int, runs: int, tables: Path | None = None) -> dict:
     torch.manual_seed(0)
     model = create_model(name).eval()
     locations = sp.pruning.family_for(model).default_locations(model, 3)
@@ -79,6 +79,15 @@ def bench_model(name: str, ratios: list[float], rounds: int, runs: int) -> dict:
         s, w = per_round[(keep, "static")], per_round[(keep, "switchable")]
         row.update(static_ms=round(statistics.median(s), 4), switchable_ms=round(statistics.median(w), 4),
                    ratio=round(statistics.median(b / a for a, b in zip(s, w, strict=True)), 4))  # fmt: skip
+    if tables is not None and (tables / "local").exists():  # the table's prediction of each operating point
+        from spvit_search.devices import DeviceRegistry
+        from spvit_search.predictor import PlanLatency
+
+        latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), create_model(name), name, root=tables)
+        for row in rows:
+            plan = model.spvit_plan.replace(keep=tuple(row["keep"]))
+            row["predicted_ms"] = round(latency.predict(plan).total_ms, 4)
+            row["predicted_over_switchable"] = round(row["predicted_ms"] / row["switchable_ms"], 4)
     return {"model": name, "locations": list(locations), "rows": rows}
 
 
@@ -88,11 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ratios", default="0.9,0.8,0.7,0.6", type=lambda s: [float(v) for v in s.split(",")])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--tables", type=Path, default=None,
+                    help="latency tables (profiled and calibrated today): their predictions beside")  # fmt: skip
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "switchable.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    models = [bench_model(m, args.ratios, args.rounds, args.runs, args.tables) for m in args.models]
     results = {"onnxruntime": ort.__version__, "threads": 1, "batch": 1, "rounds": args.rounds, "runs": args.runs,
-               "models": [bench_model(m, args.ratios, args.rounds, args.runs) for m in args.models]}  # fmt: skip
+               "models": models}  # fmt: skip
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1))
     print("| model | keep | tokens per block | static (ms) | switchable (ms) | switchable / static | max |Δ| |")
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         for r in m["rows"]:
             print(f"| {m['model']} | {'/'.join(f'{k:g}' for k in r['keep'])} | {r['tokens_per_block']} | "
                   f"{r['static_ms']:.3f} | {r['switchable_ms']:.3f} | {r['ratio']:.3f} | "
-                  f"{r['max_abs_diff_vs_torch']:.1e} |")  # fmt: skip
+                  f"{r['max_abs_diff_vs_torch']:.1e} |" + (f" predicted {r['predicted_ms']:.3f}" if "predicted_ms" in r
+                                                             else ""))  # fmt: skip
     return results
 
 
