@@ -75,3 +75,5 @@ def test_cli_lists_devices_and_checks_local(tmp_path):
     assert "onnxruntime" in check.output and "cpu" in check.output
     missing = runner.invoke(main, ["devices", "--devices", str(_write(tmp_path, BOARD)), "check", "board"])
     assert missing.exit_code == 2 and "BOARD_HOST is not set" in missing.output
+    after = runner.invoke(main, ["devices", "check", "board", "--devices", str(_write(tmp_path, BOARD))])
+    assert after.exit_code == 2 and "BOARD_HOST is not set" in after.output  # as every other command takes it

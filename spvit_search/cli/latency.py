@@ -48,13 +48,15 @@ def devices(ctx, devices_file):
 
 @devices.command("check")
 @click.argument("name")
+@devices_option
 @click.pass_obj
 @user_errors
-def devices_check(devices_file, name):
+def devices_check(group_devices_file, name, devices_file):
     """Reachability, runtime presence and version, CPU and thermal state of device NAME."""
     from profilers import make_profiler
 
-    device = registry(devices_file).get(name)
+    # --devices after the command, as every other command takes it, or before it (the group's)
+    device = registry(devices_file or group_devices_file).get(name)
     profiler = make_profiler(device)
     failed = False
     try:
