@@ -78,6 +78,15 @@ class NoDelayTcpTransport(TcpTransport):
         super().connect(transport_timeout_s)
         self._connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def bulk_read(self, numbytes, transport_timeout_s):
+        """End of stream is an error, not "no data yet": adb-shell's TCP transport returns ``b''``
+        when the device closes the link, and its reader then polls a readable, empty socket at
+        100% CPU until its read timeout (300 s seen with adbd killed mid-profile)."""
+        data = super().bulk_read(numbytes, transport_timeout_s)
+        if not data and numbytes:
+            raise ConnectionResetError(f"{self._host}:{self._port} closed the connection (end of stream)")
+        return data
+
 
 def load_signer(key_path: str) -> PythonRSASigner:
     path = expand_path(key_path)

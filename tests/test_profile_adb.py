@@ -149,6 +149,46 @@ def test_dropped_connection_keeps_rows_and_rerun_resumes(tmp_path, adb_key):
     device.close()
 
 
+def test_a_link_cut_while_waiting_for_output_is_reported_at_once(tmp_path, adb_key):
+    """The cut lands while the toolkit reads (the device's tool is busy): adb-shell's reader used
+    to poll the closed socket at 100% CPU until its 300 s read timeout."""
+    stall = tmp_path / "stall"
+    device, _ = _phone(tmp_path, adb_key, env={"SPVIT_STANDIN_STALL_FILE": str(stall)})
+    proxy = CuttableProxy(device.port)
+    device2, devices = _phone(tmp_path, adb_key, port=proxy.port)
+    device2.close()
+    table = tmp_path / "tables" / "phone" / "onnxruntime-t1-b1.csv"
+    cut_at: dict[str, float] = {}
+
+    def cut_while_reading() -> None:
+        deadline = time.monotonic() + 120
+        while not (table.exists() and len(table.read_text().splitlines()) > 1) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stall.touch()  # the next benchmark hangs: the toolkit sits waiting for its output
+        time.sleep(1.5)
+        cut_at["wall"], cut_at["cpu"] = time.monotonic(), time.process_time()
+        proxy.cut()
+
+    watcher = threading.Thread(target=cut_while_reading, daemon=True)
+    watcher.start()
+    first = _profile(devices, tmp_path / "tables")
+    wall, cpu = time.monotonic() - cut_at["wall"], time.process_time() - cut_at["cpu"]
+    watcher.join()
+    stall.unlink()
+    assert first.exit_code == 2, first.output
+    assert "device 'phone'" in first.output and "connection lost" in first.output, first.output
+    assert "end of stream" in first.output
+    assert wall < 5.0 and cpu <= 1.0, (wall, cpu)  # noticed at once, without spinning
+    kept = len(LatencyTable.open(table).rows)
+    assert 0 < kept < 25
+    proxy.restore()
+    second = _profile(devices, tmp_path / "tables")
+    assert second.exit_code == 0, second.output
+    assert f"{25 - kept} points measured, {kept} already there" in second.output
+    proxy.close()
+    device.close()
+
+
 @pytest.fixture
 def official_adb(tmp_path):
     """Debian's adb client with its own server port and HOME; its server makes its own key."""

@@ -4,7 +4,8 @@ They *really* time the model file they are given (onnxruntime for .onnx, LiteRT 
 and print the result in the real tool's format (see tests/fixtures/tool-outputs), so rows
 profiled through the SSH and ADB test devices are real measurements. Fault switches come from
 the environment: SPVIT_STANDIN_GARBLE=1 prints garbage, SPVIT_STANDIN_CPU_TEMP sets the
-temperature that ``dumpsys thermalservice`` reports (a file path is read on every call).
+temperature that ``dumpsys thermalservice`` reports (a file path is read on every call),
+SPVIT_STANDIN_STALL_FILE hangs the tool while that file exists.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def _garbled() -> bool:
     return os.environ.get("SPVIT_STANDIN_GARBLE") == "1"
 
 
+def _stall() -> None:
+    """SPVIT_STANDIN_STALL_FILE=PATH: while PATH exists, the tool hangs before printing (a long
+    benchmark during which the toolkit waits for output, e.g. to cut the link under it)."""
+    flag = os.environ.get("SPVIT_STANDIN_STALL_FILE")
+    deadline = time.monotonic() + 60
+    while flag and Path(flag).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def onnxruntime_perf_test(args: list[str]) -> int:
     runs, threads, free, positional, i = 100, 1, {}, [], 0
     while i < len(args):
@@ -78,6 +88,7 @@ def onnxruntime_perf_test(args: list[str]) -> int:
             positional.append(a)
         i += 1
     model = positional[0]
+    _stall()
     if not Path(model).is_file():
         print(f"Error: [ONNXRuntimeError] : 3 : NO_SUCHFILE : Load model from {model} failed. File doesn't exist")
         return 255
