@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,43 @@ def test_dropped_connection_keeps_rows_and_rerun_resumes(tmp_path, sshd):
     assert second.exit_code == 0, second.output
     assert f"{25 - len(kept.rows)} points measured, {len(kept.rows)} already there" in second.output
     assert len(LatencyTable.open(table).rows) == 25
+    proxy.close()
+
+
+def test_a_link_cut_while_waiting_for_output_is_reported_at_once(tmp_path, sshd):
+    """The cut lands while the board's tool is busy and the toolkit waits for its output."""
+    stall = tmp_path / "stall"
+    bin_dir = standin_tools.install(tmp_path / "bin", env={"SPVIT_STANDIN_STALL_FILE": str(stall)})
+    proxy = CuttableProxy(sshd.port)
+    devices = _registry(tmp_path, sshd, port=proxy.port, runtime="command", parser="xdputil",
+                        command=f"{bin_dir / 'xdputil'} benchmark {{model}} -i -1 {{threads}}")  # fmt: skip
+    table = tmp_path / "tables" / "board" / "command-t1-b1.csv"
+    cut_at: dict[str, float] = {}
+
+    def cut_while_reading() -> None:
+        deadline = time.monotonic() + 120
+        while not (table.exists() and len(table.read_text().splitlines()) > 1) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stall.touch()
+        time.sleep(1.5)
+        cut_at["wall"], cut_at["cpu"] = time.monotonic(), time.process_time()
+        proxy.cut()
+
+    watcher = threading.Thread(target=cut_while_reading, daemon=True)
+    watcher.start()
+    first = _profile(devices, tmp_path / "tables", "--methods", "evit")
+    wall, cpu = time.monotonic() - cut_at["wall"], time.process_time() - cut_at["cpu"]
+    watcher.join()
+    stall.unlink()
+    assert first.exit_code == 2, first.output
+    assert "device 'board'" in first.output and "connection lost" in first.output, first.output
+    assert wall < 5.0 and cpu <= 1.0, (wall, cpu)
+    kept = len(LatencyTable.open(table).rows)
+    assert 0 < kept < 17
+    proxy.restore()
+    second = _profile(devices, tmp_path / "tables", "--methods", "evit")
+    assert second.exit_code == 0, second.output
+    assert f"{17 - kept} points measured, {kept} already there" in second.output
     proxy.close()
 
 

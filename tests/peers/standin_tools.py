@@ -142,6 +142,7 @@ def xdputil(args: list[str]) -> int:
         print("usage: xdputil benchmark <xmodel> [-i subgraph] <num_threads>")
         return 1
     model, threads = args[1], int(args[-1])
+    _stall()
     if not Path(model).is_file():
         print(f"F1121 00:00:00.000000 xmodel.cpp:50] Check failed: cannot open {model}")
         return 134
