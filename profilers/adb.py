@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,10 +158,33 @@ class AdbProfiler(RemoteProfiler):
     def shell(self, command: str, doing: str, timeout_s: float | None = None) -> str:
         if self.adb is None or not self.adb.available:
             raise ProfilerError(f"{self.where()}: not connected ({doing})")
+        if len(f"shell:{command}".encode()) + 1 > self._max_payload():
+            command = self._as_script(command, doing)
         try:
             return self.adb.shell(command, read_timeout_s=timeout_s or max(self.cfg.timeout_s, 300.0))
         except _ADB_ERRORS as err:
             raise ProfilerError(f"{self.where()}: connection lost while {doing}: {err or type(err).__name__}") from None
+
+    def _max_payload(self) -> int:
+        """The largest message the device accepts, as it announced in CNXN (4096 on old adbd):
+        a longer one makes adbd drop the connection. adb-shell keeps it, without a public name."""
+        return int(getattr(self.adb, "_maxdata", 4096) or 4096)
+
+    def _as_script(self, command: str, doing: str) -> str:
+        """A command too long for one message, pushed as a script (sync splits it into messages
+        the device accepts) and run by a short one."""
+        digest = hashlib.sha1(command.encode()).hexdigest()[:12]
+        remote = self._path("parts", f"cmd-{digest}.sh")
+        with tempfile.TemporaryDirectory(prefix="spvit-adb-") as tmp:
+            script = Path(tmp) / "cmd.sh"
+            script.write_text(command + "\n")
+            try:
+                self.adb.push(str(script), remote, read_timeout_s=self.cfg.push_timeout_s,
+                              transport_timeout_s=self.cfg.push_timeout_s)  # fmt: skip
+            except _ADB_ERRORS as err:
+                raise ProfilerError(f"{self.where()}: connection lost while {doing} (pushing the "
+                                    f"{len(command)}-byte command as a script): {err}") from None  # fmt: skip
+        return f"sh {shlex.quote(remote)}"
 
     def upload(self, local: Path, remote: str) -> None:
         try:

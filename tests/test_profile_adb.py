@@ -38,11 +38,12 @@ def adb_key(tmp_path_factory) -> Path:
     return path
 
 
-def _phone(tmp_path: Path, adb_key: Path, *, env=None, runtime="onnxruntime", accept_new_keys=False, **entry):
+def _phone(tmp_path: Path, adb_key: Path, *, env=None, runtime="onnxruntime", accept_new_keys=False,
+           legacy=False, **entry):  # fmt: skip
     bin_dir = standin_tools.install(tmp_path / "phone-bin")
     device = LoopbackAdbd(
         tmp_path, bin_dir, authorized_keys=[Path(f"{adb_key}.pub").read_text()], accept_new_keys=accept_new_keys,
-        env=env,
+        env=env, legacy=legacy,
     )  # fmt: skip
     tool = "benchmark_model" if runtime == "tflite" else "onnxruntime_perf_test"
     port = entry.pop("port", device.port)
@@ -210,8 +211,9 @@ def official_adb(tmp_path):
     run("kill-server", timeout=20)
 
 
-def test_official_adb_client_accepts_the_same_endpoint(tmp_path, adb_key, official_adb):
-    device, _ = _phone(tmp_path, adb_key)
+@pytest.mark.parametrize("legacy", [False, True], ids=["modern", "legacy-4k"])
+def test_official_adb_client_accepts_the_same_endpoint(tmp_path, adb_key, official_adb, legacy):
+    device, _ = _phone(tmp_path, adb_key, legacy=legacy)
     device.authorize(official_adb.public_key)  # a phone that already allowed this computer
     connected = official_adb("connect", device.serial)
     assert f"connected to {device.serial}" in connected.stdout, connected.stdout + connected.stderr
@@ -271,4 +273,35 @@ def test_measure_on_the_adb_phone(tmp_path, adb_key):
     data = json.loads(result.output)
     assert data["runtime_version"].startswith("onnxruntime_perf_test") and data["measured"]["median_ms"] > 0
     assert data["prediction"]["predicted_ms"] > 0 and abs(data["error_pct"]) < 50
+    device.close()
+
+
+def test_an_old_small_packet_device_profiles_measures_and_takes_long_commands(tmp_path, adb_key):
+    """Protocol 0x01000000, 4 KB maximum payload, a pty shell: profile, measure, an 8 MiB push
+    and pull, and a command longer than one message (a longer message drops the link)."""
+    device, devices = _phone(tmp_path, adb_key, legacy=True)
+    profiled = _profile(devices, tmp_path / "tables")
+    assert profiled.exit_code == 0, profiled.output
+    assert len(LatencyTable.open(tmp_path / "tables" / "phone" / "onnxruntime-t1-b1.csv").rows) == 25
+    measured = CliRunner().invoke(main, ["measure", "--device", "phone", "--devices", str(devices), "--model", MODEL,
+                                         "--keep", "0.7,0.49,0.343", "--tables", str(tmp_path / "tables"),
+                                         "--rounds", "2", "--runs", "3"])  # fmt: skip
+    assert measured.exit_code == 0, measured.output
+    profiler = make_profiler(DeviceRegistry.load(devices).get("phone"))
+    profiler.open()
+    try:
+        assert profiler._max_payload() == 4096
+        payload = os.urandom(8 * 1024 * 1024)
+        (tmp_path / "big.bin").write_bytes(payload)
+        remote = str(tmp_path / "on phone" / "big.bin")
+        profiler.upload(tmp_path / "big.bin", remote)
+        assert Path(remote).read_bytes() == payload
+        profiler.adb.pull(remote, str(tmp_path / "back.bin"))
+        assert (tmp_path / "back.bin").read_bytes() == payload
+        words = [f"w{i:04d}" for i in range(900)]  # ~5.4 KB of command: over one 4 KB message
+        out = profiler.shell("echo " + " ".join(words) + " | wc -w", "counting words")
+        assert out.strip() == "900"
+        assert profiler.shell("echo still; echo connected", "checking the link") == "still\r\nconnected\r\n"  # pty
+    finally:
+        profiler.close()
     device.close()

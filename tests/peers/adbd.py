@@ -8,6 +8,9 @@ proven against the protocol and not against itself:
   authorized keys (PKCS#1 v1.5 over the token as a SHA-1 digest, as adbd does), or
   RSAPUBLICKEY accepted like a user tapping "Allow" (``accept_new_keys``);
 * streams: OPEN / OKAY / WRTE / CLSE with one unacknowledged WRTE per direction;
+* two modes: a modern device (protocol 0x01000001, 256 KB payload) and ``legacy=True``, an old
+  AOSP-derived one (0x01000000 with verified checksums, 4 KB payload, a pty shell with CR LF);
+  a message over the announced payload drops the connection, as adbd does;
 * services: ``shell:CMD`` (legacy shell: no exit code, stderr merged), ``exec:CMD``, and
   ``sync:`` (STAT, LIST, SEND, RECV, QUIT) for push and pull.
 
@@ -93,7 +96,7 @@ class _Stream:
 
     # device -> host
     def write(self, data: bytes) -> None:
-        step = min(self.conn.max_data, MAX_PAYLOAD)
+        step = self.conn.max_data
         for i in range(0, len(data), step):
             if not self._acked.wait(timeout=60) or self.closed:
                 raise EOFError("host stopped acknowledging")
@@ -118,7 +121,7 @@ class _Stream:
 class _Connection:
     def __init__(self, sock: socket.socket, server: LoopbackAdbd) -> None:
         self.sock, self.server = sock, server
-        self.max_data = 4096
+        self.max_data = min(4096, server.max_payload)
         self.streams: dict[int, _Stream] = {}
         self._send_lock = threading.Lock()
         self._next_id = 1
@@ -144,7 +147,7 @@ class _Connection:
 
     def _go_online(self) -> None:
         self._online = True
-        self.send(CNXN, VERSION, MAX_PAYLOAD, self._banner())
+        self.send(CNXN, self.server.version, self.server.max_payload, self._banner())
 
     def _challenge(self) -> None:
         self._token = os.urandom(20)
@@ -153,10 +156,14 @@ class _Connection:
     def serve(self) -> None:
         try:
             while True:
-                command, arg0, arg1, length, _checksum, magic = struct.unpack("<6I", self._recv_exact(24))
+                command, arg0, arg1, length, checksum, magic = struct.unpack("<6I", self._recv_exact(24))
                 if magic != command ^ 0xFFFFFFFF:
                     return  # not ADB: drop the connection like adbd does
+                if length > self.server.max_payload:
+                    return  # over the announced maximum payload: adbd drops the connection
                 data = self._recv_exact(length) if length else b""
+                if self.server.version < 0x01000001 and checksum != sum(data) & 0xFFFFFFFF:
+                    return  # an old adbd verifies every payload's checksum
                 self._dispatch(command, arg0, arg1, data)
         except (EOFError, OSError):
             pass
@@ -169,7 +176,7 @@ class _Connection:
     def _dispatch(self, command: int, arg0: int, arg1: int, data: bytes) -> None:
         server = self.server
         if command == CNXN:
-            self.max_data = min(arg1, MAX_PAYLOAD)
+            self.max_data = min(arg1, server.max_payload)
             if server.require_auth:
                 self._challenge()
             else:
@@ -229,6 +236,8 @@ class _Connection:
         )  # fmt: skip
         try:
             while chunk := os.read(proc.stdout.fileno(), 65536):
+                if self.server.pty and merge_stderr:  # an old device's shell runs on a pty: CR LF line ends
+                    chunk = chunk.replace(b"\n", b"\r\n")
                 stream.write(chunk)
         finally:
             proc.stdout.close()
@@ -315,8 +324,13 @@ class LoopbackAdbd:
         accept_new_keys: bool = True,
         require_auth: bool = True,
         env: dict[str, str] | None = None,
+        legacy: bool = False,
     ) -> None:
+        """``legacy``: an old, AOSP-derived adbd — protocol 0x01000000 (checksums verified), 4 KB
+        maximum payload (a larger message drops the connection), shell on a pty (CR LF)."""
         self.root = str(root)
+        self.version, self.max_payload = (0x01000000, 4096) if legacy else (VERSION, MAX_PAYLOAD)
+        self.pty = legacy
         self.env = {**os.environ, **(env or {})}
         if bin_dir is not None:
             self.env["PATH"] = f"{bin_dir}:{self.env.get('PATH', '/usr/bin:/bin')}"
