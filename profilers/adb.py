@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from adb_shell import adb_message
+from adb_shell import constants as adb_constants
 from adb_shell import exceptions as adb_errors
 from adb_shell.adb_device import AdbDevice
 from adb_shell.auth.sign_pythonrsa import PythonRSASigner
@@ -90,6 +91,22 @@ class NoDelayTcpTransport(TcpTransport):
         return data
 
 
+class FullPayloadAdbDevice(AdbDevice):
+    """adb-shell's device with sync data chunks that fill the device's announced payload.
+
+    adb-shell sends file data in chunks of half the maximum payload, one chunk per message, and
+    waits for the device's OKAY after each: on an old device (4096-byte payload) that is 2 KB
+    per round trip where the official client sends 4 KB (a push measured 0.59x the official
+    client's throughput). A chunk of ``payload - 9`` bytes plus its 8-byte sync header fills one
+    message (adb-shell flushes when the buffer would reach the payload). Devices with large
+    payloads keep adb-shell's 64 KB chunks.
+    """
+
+    @property
+    def max_chunk_size(self):
+        return max(1, min(adb_constants.MAX_CHUNK_SIZE, self._maxdata - 9))
+
+
 def load_signer(key_path: str) -> PythonRSASigner:
     path = expand_path(key_path)
     if not path.is_file() or not Path(f"{path}.pub").is_file():
@@ -110,7 +127,7 @@ def open_device(serial: str, connection: str, timeout_s: float) -> AdbDevice:
     host, _, port = serial.rpartition(":")
     if not host or not port.isdigit():
         host, port = serial, "5555"
-    return AdbDevice(NoDelayTcpTransport(host, int(port)), default_transport_timeout_s=timeout_s)
+    return FullPayloadAdbDevice(NoDelayTcpTransport(host, int(port)), default_transport_timeout_s=timeout_s)
 
 
 class AdbProfiler(RemoteProfiler):
