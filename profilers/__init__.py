@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spvit_search.devices import DeviceConfig
 
-from .base import Artifact, CheckItem, Job, MeasureSettings, Profiler, ProfilerError
+from .base import Artifact, CheckItem, Job, LinkLostError, MeasureSettings, Profiler, ProfilerError
 from .protocol import Timing, measure_interleaved
 
 
@@ -29,6 +29,7 @@ __all__ = [
     "Artifact",
     "CheckItem",
     "Job",
+    "LinkLostError",
     "MeasureSettings",
     "Profiler",
     "ProfilerError",

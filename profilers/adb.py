@@ -33,7 +33,7 @@ from adb_shell.transport.tcp_transport import TcpTransport
 
 from spvit_search.devices import expand_path
 
-from .base import Job, MeasureSettings, ProfilerError, RemoteProfiler
+from .base import Job, LinkLostError, MeasureSettings, ProfilerError, RemoteProfiler
 from .parsers import (
     ParseError,
     cpu_temperature,
@@ -154,7 +154,7 @@ class AdbProfiler(RemoteProfiler):
         except adb_errors.DeviceAuthError as err:
             raise ProfilerError(f"{self.where()}: the phone refused key {self.cfg.key}: {err}") from None
         except _ADB_ERRORS as err:
-            raise ProfilerError(
+            raise LinkLostError(
                 f"{self.where()}: cannot connect ({err or type(err).__name__}); if the phone shows an "
                 "'Allow USB debugging' prompt, accept it and retry"
             ) from None
@@ -180,7 +180,7 @@ class AdbProfiler(RemoteProfiler):
         try:
             return self.adb.shell(command, read_timeout_s=timeout_s or max(self.cfg.timeout_s, 300.0))
         except _ADB_ERRORS as err:
-            raise ProfilerError(f"{self.where()}: connection lost while {doing}: {err or type(err).__name__}") from None
+            raise LinkLostError(f"{self.where()}: connection lost while {doing}: {err or type(err).__name__}") from None
 
     def _max_payload(self) -> int:
         """The largest message the device accepts, as it announced in CNXN (4096 on old adbd):
@@ -199,7 +199,7 @@ class AdbProfiler(RemoteProfiler):
                 self.adb.push(str(script), remote, read_timeout_s=self.cfg.push_timeout_s,
                               transport_timeout_s=self.cfg.push_timeout_s)  # fmt: skip
             except _ADB_ERRORS as err:
-                raise ProfilerError(f"{self.where()}: connection lost while {doing} (pushing the "
+                raise LinkLostError(f"{self.where()}: connection lost while {doing} (pushing the "
                                     f"{len(command)}-byte command as a script): {err}") from None  # fmt: skip
         return f"sh {shlex.quote(remote)}"
 
@@ -208,8 +208,9 @@ class AdbProfiler(RemoteProfiler):
             self.adb.push(str(local), remote, read_timeout_s=self.cfg.push_timeout_s,
                           transport_timeout_s=self.cfg.push_timeout_s)  # fmt: skip
         except _ADB_ERRORS as err:
-            lost = "connection lost while " if isinstance(err, _LINK_ERRORS) else ""
-            raise ProfilerError(f"{self.where()}: {lost}pushing {local.name} to {remote} failed: {err}") from None
+            gone = isinstance(err, _LINK_ERRORS)
+            error, lost = (LinkLostError, "connection lost while ") if gone else (ProfilerError, "")
+            raise error(f"{self.where()}: {lost}pushing {local.name} to {remote} failed: {err}") from None
 
     # -- facts ----------------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -25,6 +25,11 @@ class ProfilerError(SpvitError):
     """Measuring on a device failed; the message says on which device, with what, and why."""
 
 
+class LinkLostError(ProfilerError):
+    """The link to the device went away or never came up (a dropped connection, a device that does
+    not answer): unlike a missing tool or garbled output, running the command again can resume."""
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
     warmup: int = 3

@@ -19,7 +19,7 @@ import paramiko
 
 from spvit_search.devices import expand_path
 
-from .base import Job, MeasureSettings, ProfilerError, RemoteProfiler
+from .base import Job, LinkLostError, MeasureSettings, ProfilerError, RemoteProfiler
 from .parsers import PARSERS
 from .protocol import Timing
 from .toolrun import ToolCall, run_tool_rounds
@@ -80,7 +80,7 @@ class SshProfiler(RemoteProfiler):
                 ) from None
             raise ProfilerError(f"{self.where()}: SSH failed: {err}") from None
         except (OSError, EOFError) as err:
-            raise ProfilerError(f"{self.where()}: cannot connect: {err}") from None
+            raise LinkLostError(f"{self.where()}: cannot connect: {err}") from None
         self.client = client
         self.sftp = client.open_sftp()
         self._run(f"mkdir -p {shlex.quote(self._path('parts'))}", "creating the work folder")
@@ -106,8 +106,10 @@ class SshProfiler(RemoteProfiler):
             self.sftp.put(str(local), remote)
         except (OSError, EOFError, paramiko.SSHException) as err:
             transport = self.client.get_transport() if self.client is not None else None
-            lost = "connection lost while " if transport is None or not transport.is_active() else ""
-            raise ProfilerError(f"{self.where()}: {lost}copying {local.name} to {remote} failed: {err}") from None
+            gone = transport is None or not transport.is_active()
+            error = LinkLostError if gone else ProfilerError
+            lost = "connection lost while " if gone else ""
+            raise error(f"{self.where()}: {lost}copying {local.name} to {remote} failed: {err}") from None
 
     def _run(self, command: str, doing: str, on_line=None, timeout: float | None = None) -> tuple[int, str]:
         """Run ``command`` (already quoted) in the board's shell; stdout+stderr and exit code."""
@@ -115,7 +117,7 @@ class SshProfiler(RemoteProfiler):
             raise ProfilerError(f"{self.where()}: not connected")
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
-            raise ProfilerError(f"{self.where()}: connection lost before {doing}")
+            raise LinkLostError(f"{self.where()}: connection lost before {doing}")
         lines: list[str] = []
         try:
             channel = transport.open_session(timeout=self.cfg.timeout_s)
@@ -140,9 +142,9 @@ class SshProfiler(RemoteProfiler):
                 raise EOFError("connection closed")
             rc = channel.recv_exit_status()
         except (TimeoutError, OSError, EOFError, paramiko.SSHException) as err:
-            raise ProfilerError(f"{self.where()}: connection lost while {doing}: {err or type(err).__name__}") from None
+            raise LinkLostError(f"{self.where()}: connection lost while {doing}: {err or type(err).__name__}") from None
         if rc == -1:
-            raise ProfilerError(f"{self.where()}: connection lost while {doing} (no exit status)")
+            raise LinkLostError(f"{self.where()}: connection lost while {doing} (no exit status)")
         return rc, "\n".join(lines)
 
     # -- facts ----------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def profile_model(
     progress: bool = True,
     plot: bool = True,
 ) -> ProfileResult:
-    from profilers import Job, MeasureSettings, ProfilerError, make_profiler
+    from profilers import Job, LinkLostError, MeasureSettings, ProfilerError, make_profiler
 
     start = time.perf_counter()
     model = create_model(model_name).eval()
@@ -143,10 +143,10 @@ def profile_model(
     except (ProfilerError, OSError) as err:
         session["status"] = "interrupted"
         session["error"] = str(err)
-        raise ProfilerError(
-            f"{err}\n{measured} of {total} points measured in this run are kept in {path}; "
-            "run the same command again to resume"
-        ) from None
+        kept = f"{measured} of {total} points measured in this run are kept in {path}"
+        if isinstance(err, (LinkLostError, OSError)):  # rerunning helps only when the link was the problem
+            raise LinkLostError(f"{err}\n{kept}; run the same command again to resume") from None
+        raise ProfilerError(f"{err}\n{kept}; fix the cause above, then run the same command to go on") from None
     finally:
         bar.close()
         session["finished_at"] = now_iso()

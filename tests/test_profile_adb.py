@@ -110,6 +110,8 @@ def test_missing_benchmark_tool_is_reported(tmp_path, adb_key):
     result = _profile(devices, tmp_path / "tables")
     assert result.exit_code == 2
     assert "benchmark tool /data/local/tmp/no such tool not found on the phone" in result.output
+    # rerunning cannot help a missing tool: no resume hint, the cause to fix instead
+    assert "again to resume" not in result.output and "fix the cause above" in result.output
     device.close()
 
 

@@ -96,6 +96,7 @@ def test_garbled_tool_output_names_device_command_and_file(tmp_path, sshd):
     assert "device 'board' (ssh" in result.output
     assert "xdputil benchmark" in result.output and ".onnx" in result.output
     assert "no positive 'FPS=' line" in result.output and "Segmentation fault" in result.output
+    assert "again to resume" not in result.output  # rerunning cannot fix a tool's garbage
 
 
 def test_unknown_or_changed_host_key_is_refused(tmp_path, sshd):
