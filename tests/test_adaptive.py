@@ -57,6 +57,20 @@ def test_counts_vary_per_image_within_bounds_and_a_batch_equals_each_image_alone
     assert pruning_state(model).token_counts == list(PLAN.tokens_per_block(model))
 
 
+def test_every_stage_acts_even_below_the_plans_next_count():
+    """An image that kept few tokens at one stage still gets the next stage's own count (the
+    plan's count there may exceed what it has left), and a batch still equals each image alone."""
+    model = set_adaptive(_model(), AdaptiveCount(scale=0.4, min_factor=0.1, max_factor=1.5))
+    sp.set_keep(model, (0.5, 0.45, 0.4))
+    x = _images(8)
+    with torch.no_grad():
+        batched = model(x)
+        counts = torch.stack(pruning_state(model).adaptive_counts, dim=1)
+        assert counts.shape == (8, 3) and bool((counts[:, 0] < 0.45 * 64).any())
+        alone = torch.cat([model(x[i : i + 1]) for i in range(8)])
+    assert torch.isfinite(batched).all() and (alone - batched).abs().max().item() <= 1e-4
+
+
 def test_the_exported_graph_runs_each_image_at_its_own_count(tmp_path):
     model = set_adaptive(_model(), AdaptiveCount())
     path = export_onnx_adaptive(model, tmp_path / "adaptive.onnx")

@@ -62,14 +62,17 @@ def gather_adaptive(x: torch.Tensor, keep_logp: torch.Tensor, keep: float, packa
     slots = torch.arange(n, device=x.device).unsqueeze(0)
     state.adaptive_counts.append(k)
     kept = ranked[:, :top]
-    tail = []
+    tail, package_real = [], []
     if package_token:
         members = (slots >= k.unsqueeze(1)) & torch.isfinite(scores)
-        weights = torch.softmax(scores.masked_fill(~members, float("-inf")), dim=1)
-        tail = [weights.unsqueeze(1) @ ranked]
+        has = members.any(dim=1, keepdim=True)  # an image left with one real token prunes none
+        weights = torch.softmax(scores.masked_fill(~members, float("-inf")).masked_fill(~has, 0.0), dim=1)
+        tail = [(weights * members).unsqueeze(1) @ ranked]
+        package_real = [has.to(x.dtype)]
         state.num_packages += 1
-    # the key mask of the padded slots (None: no image of the batch was padded); packages are real
-    padded = bool((k < top).any())
+    # the key mask of the padded slots and empty packages (None: nothing of the batch is padding)
+    old_packages = state.package_policy if len(state.package_policy) == n_pkg else [x.new_ones(b, 1)] * n_pkg
+    state.package_policy = [*old_packages, *package_real]
+    padded = bool((k < top).any()) or any(bool((q < 1).any()) for q in state.package_policy)
     state.patch_policy = (slots[:, :top] < k.unsqueeze(1)).to(x.dtype) if padded else None
-    state.package_policy = [x.new_ones(b, 1)] * (n_pkg + len(tail))
     return torch.cat([x[:, :p], kept, x[:, p + n :], *tail], dim=1)

@@ -78,13 +78,13 @@ class TokenReducer(nn.Module):
         p, n_pkg = state.num_prefix, state.num_packages
         n = x.shape[1] - p - n_pkg
         k = kept_count(self.keep, state.num_patches)
-        if k >= n:
-            return x
         patches = x[:, p : p + n]
-        if state.adaptive is not None:  # per-image counts; padded slots of a batch left out of the global mean
-            padded = state.patch_policy
+        if state.adaptive is not None and n > 1:  # per-image counts (bounded by the plan's, not by n)
+            padded = state.patch_policy  # padded slots of a batch are left out of the selector's global mean
             keep_logp = self.scorer(patches, padded)[..., 1] if padded is not None else _keep_logp(self.scorer, patches)
             return gather_adaptive(x, keep_logp, self.keep, self.package_token, state)
+        if k >= n:
+            return x
         keep_logp = _keep_logp(self.scorer, patches)  # (B, n)
         # Kept tokens come in score order: blocks are permutation-equivariant after the position
         # embedding, and LiteRT has no kernel for sorting them back into image order.
