@@ -81,9 +81,13 @@ def bench_model(name: str, ratios: list[float], rounds: int, runs: int, tables: 
                    ratio=round(statistics.median(b / a for a, b in zip(s, w, strict=True)), 4))  # fmt: skip
     if tables is not None and (tables / "local").exists():  # the table's prediction of each operating point
         from spvit_search.devices import DeviceRegistry
+        from spvit_search.latency import LatencyTableError
         from spvit_search.predictor import PlanLatency
 
-        latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), create_model(name), name, root=tables)
+        try:
+            latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), create_model(name), name, root=tables)
+        except LatencyTableError:  # this model is not in the table
+            return {"model": name, "locations": list(locations), "rows": rows}
         for row in rows:
             plan = model.spvit_plan.replace(keep=tuple(row["keep"]))
             row["predicted_ms"] = round(latency.predict(plan).total_ms, 4)
