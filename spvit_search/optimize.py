@@ -96,6 +96,7 @@ class OptimizeResult:
     study: optuna.Study | None = None
     proxy: str | None = None  # the training-free method whose accuracy placed the budget, if any
     drift: float = 1.0  # measured / predicted of the verified candidates (PlanLatency.correct_drift)
+    warning: str | None = None  # e.g. a flat objective: the plan was chosen by the tie-break alone
 
 
 def _space(settings: OptimizeSettings, layout: ModelLayout, trained_locations: tuple[int, ...] | None,
@@ -211,6 +212,23 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         if helper.wait() != 0:
             raise SearchError(f"a worker process exited with {helper.returncode}")
     return study, latency, model, space, evaluator, fastest_ms
+
+
+def flat_objective(study: optuna.Study, objective: str) -> str | None:
+    """A warning when every evaluated plan scored the same: the search then ranked nothing, and the
+    plan is the tie-break's (the slowest within the target). Seen: a 1000-class checkpoint scored
+    on 10-class digits gave 0.0% for all 300 trials, reported without a word."""
+    scores = [trial_accuracy(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if t.user_attrs.get("evaluated")]  # fmt: skip
+    if len(scores) < 3 or max(scores) - min(scores) > 1e-9:
+        return None
+    fix = ("pass a checkpoint trained for these labels (--checkpoint) with its --data, or --objective agreement "
+           "(agreement with the unpruned model's top-1, no labels needed)")  # fmt: skip
+    if objective == "agreement":
+        fix = "pass a trained --checkpoint: with these weights every plan agrees equally with the unpruned model"
+    seen = f"every one of the {len(scores)} evaluated plans scored {scores[0]:.2f}% on the calibration images"
+    why = "the objective is flat, so the plan was chosen by the tie-break alone (the slowest within the target)"
+    return f"{seen}: {why}; {fix}"
 
 
 def _best_feasible(study: optuna.Study, settings: OptimizeSettings):
@@ -337,7 +355,8 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     )  # fmt: skip
     plan.save(out)
     return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
-                          fastest_ms, time.perf_counter() - start, study, space.proxy, latency.drift)  # fmt: skip
+                          fastest_ms, time.perf_counter() - start, study, space.proxy, latency.drift,
+                          flat_objective(study, settings.objective))  # fmt: skip
 
 
 def _candidate_row(c: dict) -> dict:

@@ -306,3 +306,21 @@ def test_several_targets_give_one_plan_each(tmp_path, demo):
     assert predicted[0] < predicted[1]  # the looser budget buys a plan that keeps more
     both = CliRunner().invoke(main, [*args, "--target-ms", "1"])
     assert both.exit_code == 2 and "--targets runs one search per target" in both.output
+
+
+def test_a_flat_objective_is_reported_with_what_to_pass():
+    from spvit_search.optimize import flat_objective
+
+    def study(scores):
+        st = optuna.create_study(direction="maximize")
+        for i, acc in enumerate(scores):
+            attrs = {"evaluated": True, "accuracy": acc}
+            st.add_trial(optuna.trial.create_trial(value=acc + 1e-6 * i, user_attrs=attrs))
+        st.add_trial(optuna.trial.create_trial(value=0.0, user_attrs={"evaluated": False}))  # infeasible: not scored
+        return st
+
+    flat = flat_objective(study([0.0] * 12), "accuracy")
+    assert "every one of the 12 evaluated plans scored 0.00%" in flat and "--objective agreement" in flat
+    assert "--checkpoint" in flat_objective(study([50.0] * 5), "agreement")
+    assert flat_objective(study([0.0, 0.0, 0.5]), "accuracy") is None  # plans that differ: ranked
+    assert flat_objective(study([0.0, 0.0]), "accuracy") is None  # too few to say

@@ -133,6 +133,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         "target_ms": target_ms, "predicted_ms": result.predicted_ms, "measured_ms": result.measured_ms,
         "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
         "candidates": result.candidates, "scored_by": result.proxy or plan.method, "drift": result.drift,
+        "warning": result.warning,
     }  # fmt: skip
     if multi_objective:
         summary["pareto_front"] = [
@@ -165,6 +166,8 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         click.echo(f"  the table predicted these candidates {abs(result.drift - 1) * 100:.0f}% "
                    f"{'fast' if result.drift > 1 else 'slow'}: re-ranked with this session's measurements "
                    f"(×{result.drift:.3f}); re-profile the device if this persists")  # fmt: skip
+    if result.warning:
+        click.echo(f"  warning: {result.warning}")
     if multi_objective:
         click.echo(f"  Pareto front: {len(summary['pareto_front'])} plans (see --json)")
     click.echo(f"  plot: {png}")
