@@ -324,3 +324,48 @@ def test_a_flat_objective_is_reported_with_what_to_pass():
     assert "--checkpoint" in flat_objective(study([50.0] * 5), "agreement")
     assert flat_objective(study([0.0, 0.0, 0.5]), "accuracy") is None  # plans that differ: ranked
     assert flat_objective(study([0.0, 0.0]), "accuracy") is None  # too few to say
+
+
+def _as_if_measured_faster(tables: Path, factor: float) -> None:
+    """Rewrite a table as if every row and whole-model point had been measured on a day the device
+    ran ``factor`` × as long (factor < 1: a faster day) — a stale table."""
+    import csv
+
+    path = tables / "local" / "onnxruntime-t1-b1.csv"
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for key in ("median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms"):
+            row[key] = str(float(row[key]) * factor)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta_path = path.with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text())
+    entry = meta["calibration"][MODEL]
+    for point in entry["points"]:
+        point["predicted_ms"] *= factor
+        point["measured_ms"] *= factor
+    entry["offset_ms"] *= factor  # the same line through points scaled on both axes
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_stale_table_is_corrected_by_this_sessions_measurements(tmp_path, demo):
+    """A table measured on a day the device ran 25% faster: the first candidates measured miss,
+    the session's measurements set the drift, the ranking is redone, and the output says so."""
+    import shutil
+
+    tables = tmp_path / "tables"
+    shutil.copytree(demo["tables"], tables)
+    _as_if_measured_faster(tables, 0.75)
+    target = round(demo["dense_ms"] * 0.85, 3)
+    out = tmp_path / "plan.yaml"
+    args = ["optimize", "--model", MODEL, "--checkpoint", str(demo["checkpoint"]), "--tables", str(tables),
+            "--calib-images", "200", "--target-ms", str(target), "--trials", "60", "--verify-top", "2",
+            "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    plan = sp.PruningPlan.load(out)
+    assert plan.measured_ms is not None and plan.measured_ms <= target
+    assert "% fast: re-ranked with this session's measurements" in result.output
