@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import statistics
 import subprocess
 import sys
 import time
@@ -96,6 +97,7 @@ class OptimizeResult:
     study: optuna.Study | None = None
     proxy: str | None = None  # the training-free method whose accuracy placed the budget, if any
     drift: float = 1.0  # measured / predicted of the verified candidates (PlanLatency.correct_drift)
+    stale: float = 1.0  # measured / predicted of the first candidates, before this session refined anything
     warning: str | None = None  # e.g. a flat objective: the plan was chosen by the tie-break alone
 
 
@@ -355,8 +357,16 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     )  # fmt: skip
     plan.save(out)
     return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
-                          fastest_ms, time.perf_counter() - start, study, space.proxy, latency.drift,
-                          flat_objective(study, settings.objective))  # fmt: skip
+                          fastest_ms, time.perf_counter() - start, study, space.proxy, drift=latency.drift,
+                          stale=_staleness(candidates, settings),
+                          warning=flat_objective(study, settings.objective))  # fmt: skip
+
+
+def _staleness(candidates: list[dict], settings: OptimizeSettings) -> float:
+    """How far the table was off before this session refined it: median measured / predicted of
+    the first batch of candidates (their predictions came from the table as it was)."""
+    first = candidates[: settings.verify_top]
+    return float(statistics.median(c["measured_ms"] / c["predicted_ms"] for c in first)) if first else 1.0
 
 
 def _candidate_row(c: dict) -> dict:

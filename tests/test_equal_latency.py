@@ -64,9 +64,12 @@ def test_harness_measures_every_contender_and_resumes(tmp_path):
 
 def test_harness_trains_a_swin_teacher_and_runs_the_families_contenders(tmp_path):
     """A model without a shipped teacher: one is trained first (recorded, reused on a rerun); Swin's
-    training-free ``norm`` places ``spvit``; contenders the family does not offer are refused."""
+    training-free ``norm`` places ``spvit``; contenders the family does not offer are refused.
+
+    30 trials, not 12: on a fresh CI host 12 found no spvit plan under 85% (the feasible region of
+    swin_demo is small: its selectors cost ~15% of the dense model)."""
     args = ["--model", "swin_demo_fashion", "--teacher-epochs", "1", "--teacher-subset", "256", "--seeds", "0",
-            "--targets", "0.85", "--epochs", "1", "--finetune-subset", "128", "--trials", "12",
+            "--targets", "0.85", "--epochs", "1", "--finetune-subset", "128", "--trials", "30",
             "--contenders", "norm-free,spvit", "--rounds", "3", "--profile-rounds", "3", "--jobs", "1",
             "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results.json")]  # fmt: skip
     first = _run(*args)

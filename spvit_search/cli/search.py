@@ -133,6 +133,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         "target_ms": target_ms, "predicted_ms": result.predicted_ms, "measured_ms": result.measured_ms,
         "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
         "candidates": result.candidates, "scored_by": result.proxy or plan.method, "drift": result.drift,
+        "table_off_by": round(result.stale, 4),
         "warning": result.warning,
     }  # fmt: skip
     if multi_objective:
@@ -162,10 +163,13 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
             flag = "  over target, dropped" if r["over_target"] else ""
             click.echo(f"  {'':24}{r['trial']:5d}  {r['method']:6}  {r['keep']!s:22} {r['accuracy']:6.2f}%  "
                        f"{r['predicted_ms']:8.3f}  {r['measured_ms']:8.3f}{flag}")  # fmt: skip
-    if abs(result.drift - 1.0) >= 0.03:
-        click.echo(f"  the table predicted these candidates {abs(result.drift - 1) * 100:.0f}% "
-                   f"{'fast' if result.drift > 1 else 'slow'}: re-ranked with this session's measurements "
-                   f"(×{result.drift:.3f}); re-profile the device if this persists")  # fmt: skip
+    if abs(result.stale - 1.0) >= 0.03 or abs(result.drift - 1.0) >= 0.03:
+        off = result.stale
+        way = "fast" if off > 1 else "slow"
+        click.echo(f"  the table predicted the first candidates {abs(off - 1) * 100:.0f}% {way} "
+                   f"(measured ×{off:.3f}; stale, or measured in another state of the device): re-ranked with this "
+                   f"session's measurements (×{result.drift:.3f} on the refined table); re-profile the device if "
+                   "this persists")  # fmt: skip
     if result.warning:
         click.echo(f"  warning: {result.warning}")
     if multi_objective:
