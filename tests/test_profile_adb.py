@@ -307,3 +307,28 @@ def test_an_old_small_packet_device_profiles_measures_and_takes_long_commands(tm
     finally:
         profiler.close()
     device.close()
+
+
+def test_several_devices_profile_at_once_and_one_failing_does_not_stop_the_others(tmp_path, adb_key):
+    good, good_devices = _phone(tmp_path / "good", adb_key)
+    bad, bad_devices = _phone(tmp_path / "bad", adb_key, benchmark_binary="/data/local/tmp/no such tool")
+    both = {**yaml.safe_load(good_devices.read_text()), **{"phone2": yaml.safe_load(bad_devices.read_text())["phone"]}}
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(yaml.safe_dump(both))
+    args = ["profile", "--device", "phone,phone2", "--model", MODEL, "--out", str(tmp_path / "tables"),
+            "--devices", str(devices), *FAST]  # fmt: skip
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 2, first.output
+    assert "phone: " in first.output and "25 points measured" in first.output  # the healthy one finished
+    assert "phone2: FAILED" in first.output and "no such tool not found on the phone" in first.output
+    assert "1 of 2 devices failed: phone2" in first.output
+    assert len(LatencyTable.open(tmp_path / "tables" / "phone" / "onnxruntime-t1-b1.csv").rows) == 25
+    again = CliRunner().invoke(main, ["profile", "--device", "phone", *args[3:]])
+    assert again.exit_code == 0 and "0 points measured, 25 already there" in again.output  # its own table resumes
+    check = CliRunner().invoke(main, ["devices", "check", "phone,phone2", "--devices", str(devices)])
+    assert check.exit_code == 2 and "phone:" in check.output and "phone2:" in check.output
+    assert "failed: phone2" in check.output
+    local = CliRunner().invoke(main, ["profile", "--device", "local,local", "--model", MODEL])
+    assert local.exit_code == 2 and "disturb each other" in local.output
+    good.close()
+    bad.close()

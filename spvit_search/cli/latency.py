@@ -52,30 +52,42 @@ def devices(ctx, devices_file):
 @click.pass_obj
 @user_errors
 def devices_check(group_devices_file, name, devices_file):
-    """Reachability, runtime presence and version, CPU and thermal state of device NAME."""
+    """Reachability, runtime presence and version, CPU and thermal state of device NAME (or several:
+    NAME1,NAME2 — each checked and reported; the exit code says whether any failed)."""
+    # --devices after the command, as every other command takes it, or before it (the group's)
+    known = registry(devices_file or group_devices_file)
+    devices = [known.get(n) for n in parse_list(name, str, "NAME")]
+    failed = [d.name for d in devices if not _check_one(d, len(devices) > 1)]
+    if failed:
+        if len(devices) > 1:
+            click.echo(f"failed: {', '.join(failed)}")
+        sys.exit(2)
+
+
+def _check_one(device, named: bool) -> bool:
     from profilers import make_profiler
 
-    # --devices after the command, as every other command takes it, or before it (the group's)
-    device = registry(devices_file or group_devices_file).get(name)
+    if named:
+        click.echo(f"{device.name}:")
     profiler = make_profiler(device)
-    failed = False
     try:
         profiler.open()
     except Exception as err:  # the one place that reports instead of raising: say what failed
         click.echo(f"  {'reach':12} FAIL  {err}")
-        sys.exit(2)
+        return False
+    ok = True
     try:
         for item in profiler.check():
-            failed |= not item.ok
+            ok &= item.ok
             click.echo(f"  {item.what:12} {'ok  ' if item.ok else 'FAIL'}  {item.detail}")
     finally:
         profiler.close()
-    if failed:
-        sys.exit(2)
+    return ok
 
 
 @main.command()
-@click.option("--device", "device_name", default="local", show_default=True, help="device name in the registry")
+@click.option("--device", "device_name", default="local", show_default=True,
+              help="device name in the registry, or several (pixel,zcu102), profiled at once")  # fmt: skip
 @click.option("--model", "model_name", required=True, help="timm model name")
 @click.option("--tokens", default=None, help="token counts to measure (default: a sparse grid per part)")
 @click.option("--threads", type=int, default=None, help="override the device's thread count")
@@ -93,26 +105,50 @@ def devices_check(group_devices_file, name, devices_file):
 @user_errors
 def profile(device_name, model_name, tokens, threads, rounds, runs, force, root, methods, devices_file):
     """Measure per-part latency vs token count of MODEL on DEVICE into latency_tables/."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..errors import SpvitError
     from ..plan import METHODS
     from ..profile import profile_model
 
-    device = registry(devices_file).get(device_name)
-    if threads is not None:
-        device = device.model_copy(update={"threads": threads})
+    devices = [device_for(devices_file, name, threads) for name in parse_list(device_name, str, "--device")]
     chosen = parse_list(methods, str, "--methods")
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
         raise click.BadParameter(f"unknown methods {unknown}; known: {list(METHODS)}", param_hint="--methods")
-    result = profile_model(
-        device, model_name, root=root, tokens=parse_list(tokens, int, "--tokens"), rounds=rounds, runs=runs,
-        force=force, methods=chosen,
-    )  # fmt: skip
-    click.echo(
-        f"{result.table}: {result.measured} points measured, {result.skipped} already there, "
-        f"{result.parts} parts, {result.seconds:.1f} s"
-    )
+    here = [d.name for d in devices if d.transport == "local"]
+    if len(here) > 1:
+        raise click.BadParameter(f"{', '.join(here)} all run on this host: measured at once they disturb each other; "
+                                 "profile them one after the other", param_hint="--device")  # fmt: skip
+
+    def one(device):
+        return profile_model(device, model_name, root=root, tokens=parse_list(tokens, int, "--tokens"),
+                             rounds=rounds, runs=runs, force=force, methods=chosen)  # fmt: skip
+
+    if len(devices) == 1:
+        _report_profile(one(devices[0]))
+        return
+    # several devices: each into its own table, concurrently; one failing does not stop the others
+    with ThreadPoolExecutor(len(devices)) as pool:
+        futures = {d.name: pool.submit(one, d) for d in devices}
+    failed = []
+    for name, future in futures.items():
+        try:
+            _report_profile(future.result(), name)
+        except SpvitError as err:
+            failed.append(name)
+            click.echo(f"{name}: FAILED: {err}", err=True)
+    if failed:
+        raise SpvitError(f"{len(failed)} of {len(devices)} devices failed: {', '.join(failed)} (the others' tables "
+                         "are complete; rerun with the failed ones)")  # fmt: skip
+
+
+def _report_profile(result, name: str | None = None) -> None:
+    head = f"{name}: " if name else ""
+    click.echo(f"{head}{result.table}: {result.measured} points measured, {result.skipped} already there, "
+               f"{result.parts} parts, {result.seconds:.1f} s")  # fmt: skip
     if result.plot:
-        click.echo(f"plot: {result.plot}")
+        click.echo(f"{head}plot: {result.plot}")
 
 
 @main.command()
