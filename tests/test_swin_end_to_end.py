@@ -101,8 +101,11 @@ def test_optimize_places_spvit_with_norm_then_finetune_and_search_its_selectors(
     assert again["scored_by"] == "spvit" and sp.PruningPlan.load(searched).locations == plan.locations
 
     onnx = tmp_path / "m.onnx"
-    _ok(["export", "--plan", str(searched), "--checkpoint", str(ft / "model.pt"), "--format", "onnx", "--out",
-         str(onnx)])  # fmt: skip
+    # 1%: a model trained for 3 epochs (near chance) has windows whose mean keep probabilities tie to
+    # float precision, and ORT may rank them otherwise (seen once in CI: 1 of 400 images)
+    exported = _ok(["export", "--plan", str(searched), "--checkpoint", str(ft / "model.pt"), "--format", "onnx",
+                    "--out", str(onnx), "--allow-disagree", "4"])  # fmt: skip
+    assert "same top-1 on" in exported
     measured = json.loads(_ok(["measure", "--plan", str(searched), "--checkpoint", str(ft / "model.pt"),
                                "--tables", str(swin["tables"]), "--rounds", "3", "--json"]))  # fmt: skip
     assert measured["measured"]["median_ms"] > 0 and measured["prediction"]["predicted_ms"] > 0
