@@ -130,6 +130,17 @@ def test_thermal_gate_waits_then_gives_up(tmp_path, adb_key):
     device.close()
 
 
+def _rerun_resumes(table: Path, devices: Path, tmp_path: Path, proxy: CuttableProxy) -> None:
+    """After a cut: some rows were kept, and with the link back the same command measures the rest."""
+    kept = len(LatencyTable.open(table).rows)
+    assert 0 < kept < 25
+    proxy.restore()
+    second = _profile(devices, tmp_path / "tables")
+    assert second.exit_code == 0, second.output
+    assert f"{25 - kept} points measured, {kept} already there" in second.output
+    proxy.close()
+
+
 def test_dropped_connection_keeps_rows_and_rerun_resumes(tmp_path, adb_key):
     device, _ = _phone(tmp_path, adb_key)
     proxy = CuttableProxy(device.port)
@@ -142,13 +153,7 @@ def test_dropped_connection_keeps_rows_and_rerun_resumes(tmp_path, adb_key):
     watcher.join()
     assert first.exit_code == 2, first.output
     assert "connection lost" in first.output and "run the same command again to resume" in first.output
-    kept = len(LatencyTable.open(table).rows)
-    assert 0 < kept < 25
-    proxy.restore()
-    second = _profile(devices, tmp_path / "tables")
-    assert second.exit_code == 0, second.output
-    assert f"{25 - kept} points measured, {kept} already there" in second.output
-    proxy.close()
+    _rerun_resumes(table, devices, tmp_path, proxy)
     device.close()
 
 
@@ -161,19 +166,7 @@ def test_a_link_cut_while_waiting_for_output_is_reported_at_once(tmp_path, adb_k
     device2, devices = _phone(tmp_path, adb_key, port=proxy.port)
     device2.close()
     table = tmp_path / "tables" / "phone" / "onnxruntime-t1-b1.csv"
-    cut_at: dict[str, float] = {}
-
-    def cut_while_reading() -> None:
-        deadline = time.monotonic() + 120
-        while not (table.exists() and len(table.read_text().splitlines()) > 1) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        stall.touch()  # the next benchmark hangs: the toolkit sits waiting for its output
-        time.sleep(1.5)
-        cut_at["wall"], cut_at["cpu"] = time.monotonic(), time.process_time()
-        proxy.cut()
-
-    watcher = threading.Thread(target=cut_while_reading, daemon=True)
-    watcher.start()
+    watcher, cut_at = proxy.cut_while_stalled(table, stall)
     first = _profile(devices, tmp_path / "tables")
     wall, cpu = time.monotonic() - cut_at["wall"], time.process_time() - cut_at["cpu"]
     watcher.join()
@@ -182,13 +175,7 @@ def test_a_link_cut_while_waiting_for_output_is_reported_at_once(tmp_path, adb_k
     assert "device 'phone'" in first.output and "connection lost" in first.output, first.output
     assert "end of stream" in first.output
     assert wall < 5.0 and cpu <= 1.0, (wall, cpu)  # noticed at once, without spinning
-    kept = len(LatencyTable.open(table).rows)
-    assert 0 < kept < 25
-    proxy.restore()
-    second = _profile(devices, tmp_path / "tables")
-    assert second.exit_code == 0, second.output
-    assert f"{25 - kept} points measured, {kept} already there" in second.output
-    proxy.close()
+    _rerun_resumes(table, devices, tmp_path, proxy)
     device.close()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -146,19 +145,7 @@ def test_a_link_cut_while_waiting_for_output_is_reported_at_once(tmp_path, sshd)
     devices = _registry(tmp_path, sshd, port=proxy.port, runtime="command", parser="xdputil",
                         command=f"{bin_dir / 'xdputil'} benchmark {{model}} -i -1 {{threads}}")  # fmt: skip
     table = tmp_path / "tables" / "board" / "command-t1-b1.csv"
-    cut_at: dict[str, float] = {}
-
-    def cut_while_reading() -> None:
-        deadline = time.monotonic() + 120
-        while not (table.exists() and len(table.read_text().splitlines()) > 1) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        stall.touch()
-        time.sleep(1.5)
-        cut_at["wall"], cut_at["cpu"] = time.monotonic(), time.process_time()
-        proxy.cut()
-
-    watcher = threading.Thread(target=cut_while_reading, daemon=True)
-    watcher.start()
+    watcher, cut_at = proxy.cut_while_stalled(table, stall)
     first = _profile(devices, tmp_path / "tables", "--methods", "evit")
     wall, cpu = time.monotonic() - cut_at["wall"], time.process_time() - cut_at["cpu"]
     watcher.join()

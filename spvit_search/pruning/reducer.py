@@ -118,7 +118,7 @@ class TokenReducer(nn.Module):
         ranked = gather_tokens(patches, order)
         if not self.package_token:
             return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :]], dim=1)
-        package = torch.softmax(scores[:, k:], dim=1).unsqueeze(1) @ ranked[:, k:]  # fold_ranked_tail at a tensor k
+        package = fold_ranked_tail(ranked, scores, k)  # slicing at a tensor k stays dynamic in the graph
         state.num_packages += 1
         return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], package], dim=1)
 

@@ -94,6 +94,28 @@ class CuttableProxy:
         watcher.start()
         return watcher
 
+    def cut_while_stalled(self, table, stall, timeout: float = 120.0) -> tuple[threading.Thread, dict]:
+        """Once ``table`` holds its first row, create ``stall`` (the stand-in tool then hangs, so the
+        toolkit sits waiting for its output), wait 1.5 s, and cut the link while it reads.
+
+        Returns the watching thread and a dict that gets the ``wall`` and ``cpu`` (process) time
+        of the cut, to time how fast the toolkit notices.
+        """
+        cut_at: dict[str, float] = {}
+
+        def watch() -> None:
+            deadline = time.monotonic() + timeout
+            while not (table.exists() and len(table.read_text().splitlines()) > 1) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            stall.touch()
+            time.sleep(1.5)
+            cut_at["wall"], cut_at["cpu"] = time.monotonic(), time.process_time()
+            self.cut()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        return watcher, cut_at
+
     def restore(self) -> None:
         self._refusing = False
 
