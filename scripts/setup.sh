@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up spvit-search on a fresh machine:
-#  1. Debian packages: openssh-server (sshd) and adb (the official client), which the tests use as
-#     real peers, and dataset-fashion-mnist (Fashion-MNIST for --data fashion), installed when
+#  1. Debian packages: openssh-server (sshd), adb (the official client) and postgresql (the shared
+#     study's server), which the tests use as real peers, and dataset-fashion-mnist (Fashion-MNIST for --data fashion), installed when
 #     missing and this user is root or has sudo (skip: SPVIT_NO_APT=1);
 #  2. .venv with spvit-search, its test tools and the TFLite extra, pinned by constraints.txt.
 # torch==2.13.0 resolves to the CPU build where one is offered (this project's machines);
@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v adb >/dev/null || missing+=(adb)
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || missing+=(dataset-fashion-mnist)
 if [ -z "${SPVIT_NO_APT:-}" ] && [ ${#missing[@]} -gt 0 ]; then
   sudo=""

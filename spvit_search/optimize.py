@@ -43,9 +43,9 @@ from .search import (
     create_study,
     feasible_ranked,
     make_objective,
-    open_storage,
     trial_accuracy,
 )
+from .sharing import HEARTBEAT_S, open_storage, settle
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -70,6 +70,7 @@ class OptimizeSettings:
     storage: str | None = None
     study: str | None = None
     workers: int = 1
+    heartbeat_s: int = HEARTBEAT_S  # RDB storages: a trial silent for 3 beats is failed and retried
     sampler: str = "tpe"
     seed: int | None = 0
     multi_objective: bool = False
@@ -155,7 +156,8 @@ def calibration_tensors(data: str, count: int, model) -> tuple[torch.Tensor, tor
 
 
 def _worker_argv(argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "spvit_search.cli", *argv, "--worker"]
+    """The same command as a helper: trials only, one process (the last --workers wins in click)."""
+    return [sys.executable, "-m", "spvit_search.cli", *argv, "--worker", "--workers", "1"]
 
 
 def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings, worker_argv: list[str] | None = None,
@@ -186,13 +188,12 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         or f"{model_name}-{device.name}-t{device.threads}-{settings.target_ms:g}ms-{'+'.join(settings.methods)}"
         + (f"-by-{proxy}" if proxy else "")
     )
-    study = create_study(
-        name, open_storage(settings.storage), settings.multi_objective, settings.sampler, settings.seed
-    )
+    storage = open_storage(settings.storage, settings.heartbeat_s)
+    study = create_study(name, storage, settings.multi_objective, settings.sampler, settings.seed)
     objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective)
 
     helpers = []
-    if settings.workers > 1 and not worker_only and worker_argv is not None:
+    if settings.workers > 1 and worker_argv is not None:
         helpers = [subprocess.Popen(_worker_argv(worker_argv), stdout=subprocess.DEVNULL)
                    for _ in range(settings.workers - 1)]  # fmt: skip
     done = len(study.get_trials(deepcopy=False, states=COUNTED))
@@ -209,10 +210,12 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
 
     if done < settings.trials:
         study.optimize(objective, n_trials=settings.trials - done, callbacks=[stop, on_trial], catch=())
-    bar.close()
     for helper in helpers:
-        if helper.wait() != 0:
-            raise SearchError(f"a worker process exited with {helper.returncode}")
+        if helper.wait() != 0:  # its trial is failed and retried like any dead worker's
+            print(f"optimize: worker process {helper.pid} exited with {helper.returncode}", file=sys.stderr)
+    if not worker_only:  # rank only once every trial has ended: a dead worker's is retried here
+        settle(study, lambda n: study.optimize(objective, n_trials=n, catch=()))
+    bar.close()
     return study, latency, model, space, evaluator, fastest_ms
 
 

@@ -6,14 +6,15 @@ locations and the method (training-free methods only: learned selectors sit wher
 trained). Latency is a constraint, ``predicted − target`` set on the trial *before* anything
 is evaluated, so an infeasible trial costs no accuracy evaluation. The objective is accuracy
 on calibration images (:class:`~spvit_search.evaluate.PlanEvaluator`); plans already scored
-are reused (also across workers, through the storage); a first subset of the images reports an
-intermediate value and hopeless trials are pruned. Multi-objective mode maximises accuracy and
+are reused (also across workers and machines: :mod:`~spvit_search.sharing`); a first subset of
+the images reports an intermediate value and hopeless trials are pruned. Multi-objective mode maximises accuracy and
 minimises predicted latency (Pareto front).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from .evaluate import PlanEvaluator, plan_key
 from .plan import METHODS, PruningPlan
 from .predictor import PlanLatency
 from .pruning.layout import ModelLayout
+from .sharing import claim
 
 
 class SearchError(SpvitError):
@@ -110,23 +112,6 @@ class SearchSpace:
         return best
 
 
-def open_storage(spec: str | None):
-    """In-memory (None), ``journal:PATH`` (file journal, safe for several processes), or an RDB URL."""
-    if spec is None:
-        return None
-    if spec.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(spec.removeprefix("journal:")))
-    if "://" in spec:
-        try:
-            return optuna.storages.RDBStorage(spec)
-        except Exception as err:  # a driver missing or a server unreachable: say which
-            raise SearchError(f"storage {spec!r} cannot be opened: {err}") from None
-    raise SearchError(f"storage {spec!r}: use journal:FILE, sqlite:///FILE or postgresql://USER@HOST/DB")
-
-
 def create_study(name: str, storage, multi_objective: bool, sampler: str = "tpe", seed: int | None = None):
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
@@ -156,12 +141,13 @@ def make_objective(
         trial.set_user_attr("method", plan.method)
         trial.set_user_attr("predicted_ms", predicted)
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
         if target_ms is not None:
             trial.set_constraint("latency_ms", predicted - target_ms)
             if predicted > target_ms:  # infeasible: no accuracy evaluation at all
                 trial.set_user_attr("evaluated", False)
                 return (0.0, predicted) if multi_objective else 0.0
-        earlier = _same_plan(trial, plan_key(plan))
+        earlier = claim(trial, plan_key(plan))
         if earlier is not None:
             trial.set_user_attr("duplicate_of", earlier.number)
             accuracy = trial_accuracy(earlier)
@@ -196,14 +182,6 @@ def _pruning_report(trial: optuna.Trial) -> Callable[[float], bool]:
         return False
 
     return report
-
-
-def _same_plan(trial: optuna.Trial, key: str):
-    """A completed, evaluated trial of the same plan (from any worker), or None."""
-    for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if other.user_attrs.get("plan_key") == key and other.user_attrs.get("evaluated"):
-            return other
-    return None
 
 
 def trial_plan(trial: optuna.trial.FrozenTrial, model_name: str) -> PruningPlan:

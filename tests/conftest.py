@@ -1,8 +1,13 @@
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
-import spvit_search  # noqa: F401  (applies the torchvision import fix before timm)
+import spvit_search as sp  # (applies the torchvision import fix before timm)
+from spvit_search.cli import main
+from spvit_search.devices import DeviceRegistry
+from spvit_search.models import build_model
+from spvit_search.predictor import PlanLatency
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +45,24 @@ class ContentScorer(nn.Module):
         logp_keep = torch.where(keep, torch.zeros_like(s), -20.0 - shade)
         logp_drop = torch.where(keep, -20.0 - shade, torch.zeros_like(s))
         return torch.stack([logp_drop, logp_keep], dim=-1)
+
+
+DEMO_MODEL = "vit_demo_digits"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A briefly trained demo model and its profiled, calibrated local table (the searches' tests)."""
+    root = tmp_path_factory.mktemp("demo")
+    runner = CliRunner()
+    for args in (
+        ["train", "--out", str(root / "dense"), "--epochs", "4", "--no-augment"],
+        ["profile", "--model", DEMO_MODEL, "--out", str(root / "tables"), "--rounds", "4", "--runs", "5"],
+        ["calibrate", "--model", DEMO_MODEL, "--tables", str(root / "tables"), "--points", "3", "--rounds", "4"],
+    ):
+        done = runner.invoke(main, args)
+        assert done.exit_code == 0, done.output
+    device = DeviceRegistry.load().get("local")
+    latency = PlanLatency.for_device(device, build_model(DEMO_MODEL), DEMO_MODEL, root=root / "tables")
+    dense_ms = latency.predict(sp.PruningPlan(locations=(2,), keep=(1.0,))).total_ms
+    return {"root": root, "checkpoint": root / "dense" / "model.pt", "tables": root / "tables", "dense_ms": dense_ms}

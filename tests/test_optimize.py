@@ -27,24 +27,6 @@ MODEL = "vit_demo_digits"
 CLI = [sys.executable, "-m", "spvit_search.cli"]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """A briefly trained demo model and its profiled, calibrated local table."""
-    root = tmp_path_factory.mktemp("demo")
-    runner = CliRunner()
-    for args in (
-        ["train", "--out", str(root / "dense"), "--epochs", "4", "--no-augment"],
-        ["profile", "--model", MODEL, "--out", str(root / "tables"), "--rounds", "4", "--runs", "5"],
-        ["calibrate", "--model", MODEL, "--tables", str(root / "tables"), "--points", "3", "--rounds", "4"],
-    ):
-        done = runner.invoke(main, args)
-        assert done.exit_code == 0, done.output
-    device = DeviceRegistry.load().get("local")
-    latency = PlanLatency.for_device(device, build_model(MODEL), MODEL, root=root / "tables")
-    dense_ms = latency.predict(sp.PruningPlan(locations=(2,), keep=(1.0,))).total_ms
-    return {"root": root, "checkpoint": root / "dense" / "model.pt", "tables": root / "tables", "dense_ms": dense_ms}
-
-
 def _args(demo, *extra: str) -> list[str]:
     return ["optimize", "--model", MODEL, "--checkpoint", str(demo["checkpoint"]), "--tables", str(demo["tables"]),
             "--calib-images", "200", *extra]  # fmt: skip
@@ -161,7 +143,7 @@ COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def _load(storage: Path, name: str) -> optuna.Study:
-    from spvit_search.search import open_storage
+    from spvit_search.sharing import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(f"journal:{storage}"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import click
@@ -45,6 +46,8 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @click.option("--storage", default=None, help="journal:FILE, sqlite:///FILE or a PostgreSQL URL (resumable)")
 @click.option("--study", "study_name", default=None, help="study name in the storage")
 @click.option("--workers", type=int, default=1, show_default=True, help="processes on the shared storage")
+@click.option("--heartbeat", "heartbeat_s", type=int, default=10, show_default=True,
+              help="seconds between heartbeats (PostgreSQL, SQLite); 3 missed: failed, retried")  # fmt: skip
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--multi-objective", is_flag=True, help="accuracy vs latency Pareto front")
@@ -59,14 +62,16 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @click.option("--out", default="plan.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--plot", "plot_file", default=None, type=click.Path(dir_okay=False), help="PNG (default: beside --out)")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--worker", is_flag=True, hidden=True)
+@click.option("--worker", is_flag=True,
+              help="only run trials of the shared --storage/--study (another machine's share of the search); "
+                   "the lead, run without it, verifies and writes the plan")  # fmt: skip
 @devices_option
 @click.pass_context
 @user_errors
 def optimize(ctx, device_name, model_name, target_ms, targets, target_share, checkpoint, data, calib_images,
              objective, methods, locations, search_locations, stages, trials, min_keep_factor, step, storage,
-             study_name, workers, sampler, seed, multi_objective, proxy, verify_top, threads, tables, out, plot_file,
-             as_json, worker, devices_file):  # fmt: skip
+             study_name, workers, heartbeat_s, sampler, seed, multi_objective, proxy, verify_top, threads, tables, out,
+             plot_file, as_json, worker, devices_file):  # fmt: skip
     """Search keep ratios that meet the target on DEVICE with the best accuracy; write plan.yaml."""
     from pathlib import Path
 
@@ -94,13 +99,18 @@ def optimize(ctx, device_name, model_name, target_ms, targets, target_share, che
         target_ms=target_ms, checkpoint=checkpoint, data=data, calib_images=calib_images, objective=objective,
         methods=chosen, locations=parse_list(locations, int, "--locations"), search_locations=search_locations,
         stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
-        workers=workers, sampler=sampler, seed=None if worker else seed, multi_objective=multi_objective,
-        proxy=proxy, verify_top=verify_top, target_share=target_share, tables=tables, progress=not as_json,
+        workers=workers, heartbeat_s=heartbeat_s, sampler=sampler, seed=None if worker else seed,
+        multi_objective=multi_objective, proxy=proxy, verify_top=verify_top, target_share=target_share,
+        tables=tables, progress=not as_json,
     )  # fmt: skip
-    if worker:
-        run_study(model_name, device, settings, worker_only=True)
-        return
     argv = [a for a in sys.argv[1:] if a != "--worker"]
+    if worker:
+        if settings.storage is None:
+            raise click.UsageError("--worker joins a shared study: give its --storage (and --study)")
+        study = run_study(model_name, device, settings, worker_argv=argv, worker_only=True)[0]
+        ran = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("pid") == os.getpid())
+        click.echo(f"worker: ran {ran} trial(s) of study {study.study_name!r}", err=True)
+        return
     budgets = [None] if targets is None else parse_list(targets, float, "--targets")
     if targets is not None and (target_ms is not None or target_share is not None or workers > 1):
         raise click.UsageError("--targets runs one search per target: give it instead of --target-ms/--target-share, "
