@@ -229,6 +229,31 @@ class LatencyTable:
         return path
 
 
+def write_rescaled(src: str | Path, dest: str | Path, factor: float) -> LatencyTable:
+    """A copy of the table at ``src`` (CSV and metadata) as if every row and whole-model point had
+    been measured on a day the device ran ``factor`` × as long (factor < 1: a faster day).
+
+    That is a stale table, for testing how a search copes with one (tests, ``benchmarks/drift.py``).
+    Each calibration line goes through its scaled points: the scale stays, the offset scales.
+    """
+    table = LatencyTable.open(src)
+    rows = table.rows.copy()
+    for col in ("median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms"):
+        rows[col] = rows[col] * factor
+    meta = json.loads(json.dumps(table.meta))
+    for entry in meta.get("calibration", {}).values():
+        for point in entry["points"]:
+            point["predicted_ms"] *= factor
+            point["measured_ms"] *= factor
+        entry["offset_ms"] = entry.get("offset_ms", 0.0) * factor
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(dest, index=False)
+    copy = LatencyTable(rows, dest, meta)
+    copy.save_meta()
+    return copy
+
+
 def _read_rows(path: Path) -> pd.DataFrame:
     try:
         rows = pd.read_csv(path, dtype={"signature": str, "runtime": str, "runtime_version": str, "measured_at": str})

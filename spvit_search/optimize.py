@@ -43,6 +43,7 @@ from .search import (
     create_study,
     feasible_ranked,
     make_objective,
+    rank_within_noise,
     trial_accuracy,
 )
 from .sharing import HEARTBEAT_S, open_storage, settle
@@ -70,6 +71,9 @@ class OptimizeSettings:
     storage: str | None = None
     study: str | None = None
     workers: int = 1
+    #: measure the unpruned model before the search and scale the table by what it says
+    #: (with verify_top > 0; one whole-model measurement): a stale table is then caught first
+    drift_check: bool = True
     heartbeat_s: int = HEARTBEAT_S  # RDB storages: a trial silent for 3 beats is failed and retried
     sampler: str = "tpe"
     seed: int | None = 0
@@ -98,7 +102,10 @@ class OptimizeResult:
     study: optuna.Study | None = None
     proxy: str | None = None  # the training-free method whose accuracy placed the budget, if any
     drift: float = 1.0  # measured / predicted of the verified candidates (PlanLatency.correct_drift)
-    stale: float = 1.0  # measured / predicted of the first candidates, before this session refined anything
+    #: measured / predicted before this session refined anything: of the unpruned model (the drift
+    #: check), else of the first candidates
+    stale: float = 1.0
+    measurements: int = 0  # whole-model measurements on the device (drift check, candidates, references)
     warning: str | None = None  # e.g. a flat objective: the plan was chosen by the tie-break alone
 
 
@@ -162,7 +169,8 @@ def _worker_argv(argv: list[str]) -> list[str]:
 
 def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings, worker_argv: list[str] | None = None,
               worker_only: bool = False):  # fmt: skip
-    """Build everything and run the trials of this process; returns (study, latency, model, space, evaluator)."""
+    """Build everything and run the trials of this process; returns (study, latency, model, space, evaluator,
+    fastest_ms, dense_check): the last is None without a drift check."""
     model, trained, proxy = load_search_model(model_name, settings)
     latency = PlanLatency.for_device(device, model, model_name, root=settings.tables, methods=settings.methods)
     if settings.target_share is not None:
@@ -172,6 +180,11 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     elif settings.target_ms is None:
         raise SearchError("give a target: target_ms, or target_share of the unpruned model")
     space = _space(settings, latency.layout, trained, proxy)
+    dense_check = None
+    if settings.drift_check and settings.verify_top > 0 and not worker_only:
+        dense_check = check_drift(latency, model_name, device, settings, space)
+        if settings.target_share is not None:  # the share of the unpruned model as measured now
+            settings.target_ms = round(settings.target_share * dense_check["measured_ms"], 4)
     fastest_ms, fastest = space.fastest(latency)
     if settings.target_ms < fastest_ms:
         raise SearchError(
@@ -190,6 +203,9 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     )
     storage = open_storage(settings.storage, settings.heartbeat_s)
     study = create_study(name, storage, settings.multi_objective, settings.sampler, settings.seed)
+    if not worker_only:  # this session's factor (1 without a check), not a resumed study's old one
+        publish_drift(study, latency)
+        study.set_user_attr("calib_images", len(images))  # how finely its accuracies can rank plans
     objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective)
 
     helpers = []
@@ -216,7 +232,35 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     if not worker_only:  # rank only once every trial has ended: a dead worker's is retried here
         settle(study, lambda n: study.optimize(objective, n_trials=n, catch=()))
     bar.close()
-    return study, latency, model, space, evaluator, fastest_ms
+    return study, latency, model, space, evaluator, fastest_ms, dense_check
+
+
+def check_drift(latency: PlanLatency, model_name: str, device: DeviceConfig, settings: OptimizeSettings,
+                space: SearchSpace) -> dict:  # fmt: skip
+    """Measure the unpruned model once before the search; set the session's drift factor from it.
+
+    A table from another day (or another unit, or thermal state) is off by a near-uniform factor.
+    Caught here, it costs one whole-model measurement. Caught at the first candidates, the search
+    ranks by the stale table: every candidate misses, and the search runs again. That was seen
+    with a DeiT-S table 23% fast: nine candidates measured over the budget.
+    """
+    from profilers import MeasureSettings
+
+    plan = _unpruned_plan(latency, model_name)
+    predicted = latency.predict(plan).total_ms
+    trained_at = PruningPlan(locations=space.location_sets[0], keep=(1.0,) * len(space.location_sets[0]),
+                             method=space.methods[0], model=model_name)  # fmt: skip
+    timings, _ = measure_models(device, {"unpruned": _unpruned(model_name, settings, trained_at)},
+                                MeasureSettings(rounds=8, runs=5))  # fmt: skip
+    measured = timings["unpruned"].median_ms
+    latency.add_calibration_points([(plan, measured)], refit=False)
+    latency.correct_drift([(plan, measured)])
+    return {"predicted_ms": round(predicted, 4), "measured_ms": round(measured, 4), "ratio": measured / predicted}
+
+
+def publish_drift(study: optuna.Study, latency: PlanLatency) -> None:
+    """The lead's drift factor, for the workers' feasibility checks (they cannot measure)."""
+    study.set_user_attr("drift", latency.drift)
 
 
 def flat_objective(study: optuna.Study, objective: str) -> str | None:
@@ -255,21 +299,25 @@ def _counts(study: optuna.Study) -> dict[str, int]:
 
 
 def verify_on_device(study, latency: PlanLatency, model_name: str, device: DeviceConfig, settings: OptimizeSettings,
-                     rounds: int = 3) -> tuple[list[dict], dict | None]:  # fmt: skip
-    """Measure the best feasible candidates; calibrate; drop those over the target; re-rank.
+                     evidence: SessionMeasurements, rounds: int = 3,
+                     ) -> tuple[list[dict], dict | None]:  # fmt: skip
+    """Measure the best feasible candidates; drop those over the target; re-rank.
 
-    Each round's measurements refine the table's calibration (recorded for later sessions) and set
-    the session's drift factor (:meth:`PlanLatency.correct_drift`) from every candidate measured so
-    far, so the next round ranks by what this device does now, not by what the table remembers.
+    Each round's measurements are recorded in the table's metadata (with their date, for later
+    sessions) and join ``evidence``. That sets the session's drift factor
+    (:meth:`PlanLatency.correct_drift`), so the next round ranks by what this device does now,
+    not by what the table remembers.
     """
     from profilers import MeasureSettings
 
     measured: dict[str, dict] = {}
-    fresh: list[tuple[PruningPlan, float]] = []
+    chosen, looked_closer = None, False
     for _ in range(rounds):
         ranked = [r for r in feasible_ranked(study, settings.target_ms, latency, model_name)
                   if r[0].user_attrs["plan_key"] not in measured]  # fmt: skip
-        batch = ranked[: settings.verify_top]
+        if looked_closer:  # only plans predicted to use more of the budget than the one in hand
+            ranked = [r for r in ranked if r[2] > chosen["measured_ms"]]
+        batch = candidate_batch(ranked, settings.verify_top, settings.target_ms)
         if not batch:
             break
         models = {f"c{t.number}": build_model(model_name, settings.checkpoint, plan).eval() for t, plan, _ in batch}
@@ -277,13 +325,15 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
             models["unpruned"] = _unpruned(model_name, settings, batch[0][1])
         timings, _ = measure_models(device, models, MeasureSettings(rounds=8, runs=5))
         points = [(plan, timings[f"c{t.number}"].median_ms) for t, plan, _ in batch]
+        evidence.candidates += points
         budget = settings.target_ms
         if settings.target_share is not None:
-            points.append((_unpruned_plan(latency, model_name), timings["unpruned"].median_ms))
+            evidence.references.append((_unpruned_plan(latency, model_name), timings["unpruned"].median_ms))
+            points.append(evidence.references[-1])
             budget = settings.target_share * timings["unpruned"].median_ms
-        latency.add_calibration_points(points)
-        fresh += [(plan, timings[f"c{t.number}"].median_ms) for t, plan, _ in batch]
-        latency.correct_drift(fresh)
+        latency.add_calibration_points(points, refit=False)
+        latency.correct_drift(evidence.drift_points())
+        publish_drift(study, latency)
         if settings.target_share is not None:  # the next ranking aims at the share just measured
             settings.target_ms = round(budget, 4)
         for t, plan, predicted in batch:
@@ -294,8 +344,58 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
             }  # fmt: skip
         passing = [c for c in measured.values() if not c["over_target"]]
         if passing:
-            return list(measured.values()), max(passing, key=lambda c: (c["accuracy"], c["measured_ms"]))
-    return list(measured.values()), None
+            best = rank_within_noise(passing, lambda c: c["accuracy"], lambda c: c["measured_ms"],
+                                     study.user_attrs.get("calib_images"))[0]  # fmt: skip
+            if best["measured_ms"] >= (1 - UNDERUSE) * budget or looked_closer:
+                return list(measured.values()), best
+            looked_closer = True  # once: the drift just measured may admit plans nearer the budget
+            chosen = best
+    return list(measured.values()), chosen
+
+
+SAFETY = 0.03  # p95 of the calibrated table's error on DeiT (benchmarks/lut_fidelity.py)
+#: a passing plan measured this far under the budget leaves latency unused: one more round looks
+#: for a plan nearer the budget. Seen: a table from a 25% slower day, its candidates all passing
+#: at 0.79 of the target, shipped there.
+UNDERUSE = 0.05
+
+
+def candidate_batch(ranked: list, size: int, target_ms: float) -> list:
+    """The candidates to measure in one round: the best ``size − 1`` by calibration accuracy, and
+    the best of those predicted at least ``SAFETY`` under the target.
+
+    Why the safe one: the most accurate plans predicted under the target are mostly the ones the
+    table under-predicts (more tokens kept than their prediction says: a winner's curse). With a
+    sharp search at the budget, both top candidates then missed by 1-4%, round after round. Seen
+    on DeiT-T with the drift check: 9 and 13 measurements where 3 sufficed. The safe candidate
+    passes in most rounds, and it still lies within 5% of the target.
+    """
+    if size <= 1:
+        return ranked[:size]
+    batch = ranked[: size - 1]
+    safe = next((r for r in ranked[size - 1 :] if r[2] <= (1 - SAFETY) * target_ms), None)
+    if safe is None or any(r[2] <= (1 - SAFETY) * target_ms for r in batch):
+        return ranked[:size]  # already in the batch, or none in the ranking: the next best instead
+    return [*batch, safe]
+
+
+@dataclass
+class SessionMeasurements:
+    """This session's whole-model measurements on the device: the unpruned model (references: the
+    drift check, a target share's reference) and the candidates."""
+
+    references: list[tuple[PruningPlan, float]] = field(default_factory=list)
+    candidates: list[tuple[PruningPlan, float]] = field(default_factory=list)
+
+    def drift_points(self) -> list[tuple[PruningPlan, float]]:
+        """What the drift factor is taken from: the candidates once there are some. They sit near
+        the budget, where the table may be off by more than at the unpruned model (seen: SPViT
+        plans of the demo model 12-18% fast, the dense model within 2%)."""
+        return self.candidates or self.references
+
+    @property
+    def count(self) -> int:
+        return len(self.references) + len(self.candidates)
 
 
 def _unpruned_plan(latency: PlanLatency, model_name: str) -> PruningPlan:
@@ -319,7 +419,8 @@ def _unpruned(model_name: str, settings: OptimizeSettings, plan: PruningPlan):
 def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, out: str | Path = "plan.yaml",
              worker_argv: list[str] | None = None) -> OptimizeResult:  # fmt: skip
     start = time.perf_counter()
-    study, latency, model, space, evaluator, fastest_ms = run_study(model_name, device, settings, worker_argv)
+    study, latency, model, space, evaluator, fastest_ms, dense_check = run_study(model_name, device, settings,
+                                                                                 worker_argv)  # fmt: skip
     counts = _counts(study)
     ranked = feasible_ranked(study, settings.target_ms, latency, model_name)
     if not ranked:
@@ -327,12 +428,15 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
                           "run more --trials or relax the target")  # fmt: skip
     if settings.verify_top > 0:
         candidates, chosen = [], None
+        evidence = SessionMeasurements()
+        if dense_check is not None:
+            evidence.references.append((_unpruned_plan(latency, model_name), dense_check["measured_ms"]))
         for search in range(1 + RESEARCHES):
             if search:  # the misses refined the calibration: search again where it now puts the budget
                 objective = make_objective(space, latency, evaluator, settings.target_ms, model_name,
                                            settings.multi_objective)  # fmt: skip
                 study.optimize(objective, n_trials=max(1, settings.trials // 2), catch=())
-            measured, chosen = verify_on_device(study, latency, model_name, device, settings)
+            measured, chosen = verify_on_device(study, latency, model_name, device, settings, evidence)
             candidates += measured
             if chosen is not None:
                 break
@@ -349,7 +453,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
             settings.target_ms = round(chosen["budget_ms"], 4)
     else:
         candidates, (trial, plan, _) = [], ranked[0]
-        accuracy, measured = trial_accuracy(trial), None
+        accuracy, measured, evidence = trial_accuracy(trial), None, SessionMeasurements()
     predicted = latency.predict(plan).total_ms
     table = table_path(settings.tables, device.name, device.runtime, device.threads, device.batch)
     plan = plan.replace(
@@ -361,7 +465,8 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     plan.save(out)
     return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
                           fastest_ms, time.perf_counter() - start, study, space.proxy, drift=latency.drift,
-                          stale=_staleness(candidates, settings),
+                          stale=dense_check["ratio"] if dense_check else _staleness(candidates, settings),
+                          measurements=evidence.count,
                           warning=flat_objective(study, settings.objective))  # fmt: skip
 
 

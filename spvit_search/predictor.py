@@ -241,8 +241,16 @@ class PlanLatency:
         )  # fmt: skip
 
     # -- calibration ----------------------------------------------------------------------------
-    def add_calibration_points(self, measured: list[tuple[PruningPlan, float]], replace: bool = False) -> Calibration:
-        """Record whole-model measurements (plan, ms) and refit this model's calibration."""
+    def add_calibration_points(self, measured: list[tuple[PruningPlan, float]], replace: bool = False,
+                               refit: bool = True) -> Calibration:  # fmt: skip
+        """Record whole-model measurements (plan, ms) and, with ``refit``, refit this model's calibration.
+
+        ``optimize`` records its measurements without refitting, and corrects them with the session's
+        drift factor (:meth:`correct_drift`) instead. A line fitted to points from two sessions, on
+        a device whose speed changed between them, is tilted. Seen: one dense point at 0.8× among five
+        points from a slower day lowered the line's dense end only, and after the drift correction
+        the pruned plans were predicted 11% fast.
+        """
         entry = self.table.meta.setdefault("calibration", {}).setdefault(self.model_name, {"points": []})
         if replace:
             entry["points"] = []
@@ -252,11 +260,13 @@ class PlanLatency:
                 "method": plan.method, "locations": list(plan.locations), "keep": list(plan.keep),
                 "predicted_ms": self.predict(plan).parts_ms, "measured_ms": ms, "measured_at": stamp,
             })  # fmt: skip
-        cal = fit_calibration([p["predicted_ms"] for p in entry["points"]], [p["measured_ms"] for p in entry["points"]])
-        entry.update(scale=cal.scale, offset_ms=cal.offset_ms)
+        if refit:
+            cal = fit_calibration([p["predicted_ms"] for p in entry["points"]],
+                                  [p["measured_ms"] for p in entry["points"]])  # fmt: skip
+            entry.update(scale=cal.scale, offset_ms=cal.offset_ms)
+            self.calibration = cal
         self.table.save_meta()
-        self.calibration = cal
-        return cal
+        return self.calibration
 
     def predict_counts(self, plan: PruningPlan, counts: np.ndarray) -> np.ndarray:
         """Predicted ms of each image (I,) from the patch tokens it kept at each stage (I, S), e.g.
@@ -282,6 +292,10 @@ class PlanLatency:
         ratios = [ms / self.predict(plan).total_ms for plan, ms in measured]
         self.drift = float(np.median(ratios)) if ratios else 1.0
         return self.drift
+
+    def set_drift(self, factor: float) -> None:
+        """Impose a drift factor measured elsewhere (a shared study's lead, for its workers)."""
+        self.drift = float(factor)
 
 
 def calibration_plans(model: nn.Module, model_name: str, count: int = 5,

@@ -52,7 +52,7 @@ def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
     )  # infeasible, pruned and duplicate trials cost no evaluation
     assert summary["candidates"] and all(c["measured_ms"] > 0 for c in summary["candidates"])
     assert Path(summary["plot"]).stat().st_size > 10_000
-    # the measured candidates refined the table's calibration
+    # the drift check's and the candidates' measurements are recorded in the table's metadata
     meta = json.loads((demo["tables"] / "local" / "onnxruntime-t1-b1.meta.json").read_text())
     assert len(meta["calibration"][MODEL]["points"]) > 3
 
@@ -308,61 +308,20 @@ def test_a_flat_objective_is_reported_with_what_to_pass():
     assert flat_objective(study([0.0, 0.0]), "accuracy") is None  # too few to say
 
 
-def _as_if_measured_faster(tables: Path, factor: float) -> None:
-    """Rewrite a table as if every row and whole-model point had been measured on a day the device
-    ran ``factor`` × as long (factor < 1: a faster day) — a stale table."""
-    import csv
+def test_plans_tied_within_the_calibration_noise_are_ranked_slowest_first():
+    from spvit_search.optimize import candidate_batch
+    from spvit_search.search import rank_within_noise, tie_band
 
-    path = tables / "local" / "onnxruntime-t1-b1.csv"
-    with path.open() as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        for key in ("median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms"):
-            row[key] = str(float(row[key]) * factor)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    meta_path = path.with_suffix(".meta.json")
-    meta = json.loads(meta_path.read_text())
-    entry = meta["calibration"][MODEL]
-    for point in entry["points"]:
-        point["predicted_ms"] *= factor
-        point["measured_ms"] *= factor
-    entry["offset_ms"] *= factor  # the same line through points scaled on both axes
-    meta_path.write_text(json.dumps(meta))
-
-
-def _optimize_with(tables: Path, demo, target: float, out: Path):
-    args = ["optimize", "--model", MODEL, "--checkpoint", str(demo["checkpoint"]), "--tables", str(tables),
-            "--calib-images", "200", "--target-ms", str(target), "--trials", "60", "--verify-top", "2",
-            "--out", str(out), "--json"]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output), sp.PruningPlan.load(out)
-
-
-@pytest.mark.parametrize("factor", [0.75, 1.25], ids=["faster-day", "slower-day"])
-def test_a_stale_table_is_corrected_by_this_sessions_measurements(tmp_path, demo, factor):
-    """A table measured on a day the device ran 25% faster (or slower): the session's own
-    measurements set the drift, the ranking is redone, the output says by how much, and it costs
-    at most two more whole-model measurements than the same search with the table as measured."""
-    import shutil
-
-    target = round(demo["dense_ms"] * 0.85, 3)
-    fresh, stale = tmp_path / "fresh", tmp_path / "stale"
-    shutil.copytree(demo["tables"], fresh)
-    shutil.copytree(demo["tables"], stale)
-    _as_if_measured_faster(stale, factor)
-    baseline, _ = _optimize_with(fresh, demo, target, tmp_path / "fresh.yaml")
-    summary, plan = _optimize_with(stale, demo, target, tmp_path / "stale.yaml")
-    assert plan.measured_ms is not None and plan.measured_ms <= target
-    # the staleness, measured back (×1.33 or ×0.8) against the same search's first candidates on the
-    # table as measured (which this small model's plans already miss by up to ~15%: the quick start)
-    assert abs(summary["table_off_by"] / baseline["table_off_by"] * factor - 1) < 0.15
-    # A few more rounds at most. Not "two more": on this 0.85 ms model a single plan's prediction is
-    # off by ±5% after correction, so a candidate ranked just under the target misses about half the
-    # time, stale table or not (seen: 2, 4 and 6 measurements for the faster-day table, 2 for the
-    # table as measured). Without the drift factor the same search measured 12.
-    rows = [(c["keep"], c["predicted_ms"], c["measured_ms"], c["drift_after"]) for c in summary["candidates"]]
-    assert len(summary["candidates"]) <= len(baseline["candidates"]) + 6, (target, rows)
+    assert tie_band(50.0, 100) == pytest.approx(5.0)  # one standard error of a 50% estimate on 100 images
+    assert tie_band(100.0, 32) == pytest.approx(100 / 32)  # at least one image
+    assert tie_band(80.0, None) == 0.0
+    plans = [("a", 90.0, 10.0), ("b", 88.0, 14.5), ("c", 80.0, 14.9), ("d", 89.5, 12.0)]
+    ranked = rank_within_noise(plans, lambda p: p[1], lambda p: p[2], images=100)  # band: 3 points
+    assert [p[0] for p in ranked] == ["b", "d", "a", "c"]
+    assert [p[0] for p in rank_within_noise(plans, lambda p: p[1], lambda p: p[2], None)] == ["a", "d", "b", "c"]
+    # a round: the best, and the best predicted at least 3% under the target (15 ms: 14.55 ms)
+    rows = [("b", None, 14.9), ("c", None, 14.8), ("d", None, 12.0), ("a", None, 10.0)]
+    assert [r[0] for r in candidate_batch(rows, 2, 15.0)] == ["b", "d"]
+    assert [r[0] for r in candidate_batch(rows, 3, 15.0)] == ["b", "c", "d"]
+    assert [r[0] for r in candidate_batch(rows, 2, 16.0)] == ["b", "c"]  # b is safe already: the next best
+    assert [r[0] for r in candidate_batch(rows, 1, 15.0)] == ["b"]

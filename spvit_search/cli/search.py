@@ -62,6 +62,8 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @click.option("--out", default="plan.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--plot", "plot_file", default=None, type=click.Path(dir_okay=False), help="PNG (default: beside --out)")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--drift-check/--no-drift-check", default=True, show_default=True,
+              help="measure the unpruned model first; scale a stale table by it (with --verify-top > 0)")  # fmt: skip
 @click.option("--worker", is_flag=True,
               help="only run trials of the shared --storage/--study (another machine's share of the search); "
                    "the lead, run without it, verifies and writes the plan")  # fmt: skip
@@ -71,7 +73,7 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 def optimize(ctx, device_name, model_name, target_ms, targets, target_share, checkpoint, data, calib_images,
              objective, methods, locations, search_locations, stages, trials, min_keep_factor, step, storage,
              study_name, workers, heartbeat_s, sampler, seed, multi_objective, proxy, verify_top, threads, tables, out,
-             plot_file, as_json, worker, devices_file):  # fmt: skip
+             plot_file, as_json, drift_check, worker, devices_file):  # fmt: skip
     """Search keep ratios that meet the target on DEVICE with the best accuracy; write plan.yaml."""
     from pathlib import Path
 
@@ -101,7 +103,7 @@ def optimize(ctx, device_name, model_name, target_ms, targets, target_share, che
         stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
         workers=workers, heartbeat_s=heartbeat_s, sampler=sampler, seed=None if worker else seed,
         multi_objective=multi_objective, proxy=proxy, verify_top=verify_top, target_share=target_share,
-        tables=tables, progress=not as_json,
+        tables=tables, progress=not as_json, drift_check=drift_check,
     )  # fmt: skip
     argv = [a for a in sys.argv[1:] if a != "--worker"]
     if worker:
@@ -143,7 +145,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         "target_ms": target_ms, "predicted_ms": result.predicted_ms, "measured_ms": result.measured_ms,
         "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
         "candidates": result.candidates, "scored_by": result.proxy or plan.method, "drift": result.drift,
-        "table_off_by": round(result.stale, 4),
+        "table_off_by": round(result.stale, 4), "measurements": result.measurements,
         "warning": result.warning,
     }  # fmt: skip
     if multi_objective:
@@ -176,10 +178,13 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
     if abs(result.stale - 1.0) >= 0.03 or abs(result.drift - 1.0) >= 0.03:
         off = result.stale
         way = "fast" if off > 1 else "slow"
-        click.echo(f"  the table predicted the first candidates {abs(off - 1) * 100:.0f}% {way} "
-                   f"(measured ×{off:.3f}; stale, or measured in another state of the device): re-ranked with this "
+        what = "the unpruned model" if settings.drift_check else "the first candidates"
+        click.echo(f"  the table predicted {what} {abs(off - 1) * 100:.0f}% {way} "
+                   f"(measured ×{off:.3f}; stale, or measured in another state of the device): ranked with this "
                    f"session's measurements (×{result.drift:.3f} on the refined table); re-profile the device if "
                    "this persists")  # fmt: skip
+    if result.measurements:
+        click.echo(f"  whole-model measurements on the device: {result.measurements}")
     if result.warning:
         click.echo(f"  warning: {result.warning}")
     if multi_objective:
