@@ -1,8 +1,9 @@
 """The run-time switchable ONNX file against a static export at each density (issue 13).
 
-For each model, a pruned model at the family's default 3 locations is exported once with its keep
-ratios as an input (``export_onnx_switchable``) and once per density as a static file
-(``export_onnx``). All files run on this host's onnxruntime CPU provider (1 thread, batch 1, no
+For each model, a pruned model at the family's default 3 locations is exported with its keep
+ratios as an input (``export_onnx_switchable``): once with dynamic counts only, and once with a
+static branch per density (``operating_points``). It is also exported once per density as a
+static file (``export_onnx``). All files run on this host's onnxruntime CPU provider (1 thread, batch 1, no
 spinning: the profilers' session), interleaved: every round times each (density, file) pair in
 a fresh random order, ``--runs`` inferences each, after warm-up; the figure is the median over
 rounds of each pair's per-round median, and the ratio switchable/static is taken within a round
@@ -53,20 +54,23 @@ def bench_model(name: str, ratios: list[float], rounds: int, runs: int, tables: 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         switchable = onnx_session(export_onnx_switchable(model, Path(tmp) / "switchable.onnx"))
+        branched = onnx_session(export_onnx_switchable(model, Path(tmp) / "branched.onnx",
+                                                       operating_points=densities))  # fmt: skip
         static = {}
         for keep in densities:
             sp.set_keep(model, keep)
             static[keep] = onnx_session(export_onnx(model, Path(tmp) / f"static-{'-'.join(map(str, keep))}.onnx"))
             with torch.no_grad():
                 expected = model(x).numpy()
-            out = switchable.run(None, {"image": x.numpy(), "keep": np.asarray(keep, np.float32)})[0]
-            rows.append({"keep": list(keep), "max_abs_diff_vs_torch": float(np.abs(out - expected).max()),
+            feed = {"image": x.numpy(), "keep": np.asarray(keep, np.float32)}
+            diff = max(float(np.abs(s.run(None, feed)[0] - expected).max()) for s in (switchable, branched))
+            rows.append({"keep": list(keep), "max_abs_diff_vs_torch": diff,
                          "tokens_per_block": list(sp.pruning_state(model).token_counts)})  # fmt: skip
-        pairs = [(keep, kind) for keep in densities for kind in ("static", "switchable")]
-        feeds = {
-            (keep, "static"): (static[keep], {"image": x.numpy()}) for keep in densities
-        } | {(keep, "switchable"): (switchable, {"image": x.numpy(), "keep": np.asarray(keep, np.float32)})
-             for keep in densities}  # fmt: skip
+        pairs = [(keep, kind) for keep in densities for kind in ("static", "switchable", "branched")]
+        feeds = {(keep, "static"): (static[keep], {"image": x.numpy()}) for keep in densities}
+        for kind, session in (("switchable", switchable), ("branched", branched)):
+            feeds |= {(keep, kind): (session, {"image": x.numpy(), "keep": np.asarray(keep, np.float32)})
+                      for keep in densities}  # fmt: skip
         for session, feed in feeds.values():  # warm-up
             _timed(session, feed, 5)
         per_round = {p: [] for p in pairs}
@@ -76,9 +80,11 @@ def bench_model(name: str, ratios: list[float], rounds: int, runs: int, tables: 
             for p in pairs:
                 per_round[p].append(_timed(*feeds[p], runs))
     for row, keep in zip(rows, densities, strict=True):
-        s, w = per_round[(keep, "static")], per_round[(keep, "switchable")]
+        s, w, b = (per_round[(keep, kind)] for kind in ("static", "switchable", "branched"))
         row.update(static_ms=round(statistics.median(s), 4), switchable_ms=round(statistics.median(w), 4),
-                   ratio=round(statistics.median(b / a for a, b in zip(s, w, strict=True)), 4))  # fmt: skip
+                   ratio=round(statistics.median(y / x for x, y in zip(s, w, strict=True)), 4),
+                   branched_ms=round(statistics.median(b), 4),
+                   branched_ratio=round(statistics.median(y / x for x, y in zip(s, b, strict=True)), 4))  # fmt: skip
     if tables is not None and (tables / "local").exists():  # the table's prediction of each operating point
         from spvit_search.devices import DeviceRegistry
         from spvit_search.latency import LatencyTableError
@@ -111,12 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
                "models": models}  # fmt: skip
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1))
-    print("| model | keep | tokens per block | static (ms) | switchable (ms) | switchable / static | max |Δ| |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        "| model | keep | tokens per block | static (ms) | switchable (ms) | switchable / static | "
+        "with static branches (ms) | branched / static | max |Δ| |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for m in results["models"]:
         for r in m["rows"]:
             print(f"| {m['model']} | {'/'.join(f'{k:g}' for k in r['keep'])} | {r['tokens_per_block']} | "
                   f"{r['static_ms']:.3f} | {r['switchable_ms']:.3f} | {r['ratio']:.3f} | "
+                  f"{r['branched_ms']:.3f} | {r['branched_ratio']:.3f} | "
                   f"{r['max_abs_diff_vs_torch']:.1e} |" + (f" predicted {r['predicted_ms']:.3f}" if "predicted_ms" in r
                                                              else ""))  # fmt: skip
     return results

@@ -82,12 +82,18 @@ class RuntimeCounts(nn.Module):
 
 
 def export_onnx_switchable(model: nn.Module, path: str | Path, *, batch_size: int = 1, dynamic_batch: bool = False,
-                           opset: int = 17) -> Path:  # fmt: skip
+                           opset: int = 17, operating_points: list[tuple[float, ...]] | None = None,
+                           ) -> Path:  # fmt: skip
     """Write a pruned flat ViT as ONNX with its keep ratios as a second input (``keep``, float32
     (S,), cumulative per stage as in a plan): one file for every density, token axes dynamic.
 
     Each stage keeps between 1 and n - 1 of the n tokens reaching it (a stage that keeps all is
     the dense model: export that one plainly). TFLite needs static shapes: export it per density.
+
+    With ``operating_points`` (the densities the checkpoint was trained for), the file also holds
+    a static graph of each, run when ``keep`` equals it: the speed of a static export there, the
+    dynamic graph for any other keep. Each graph carries its own weights, so the file is as large
+    as the static exports together (:mod:`spvit_search.onnx_switch` says why).
     """
     from .pruning import family_for
 
@@ -98,7 +104,33 @@ def export_onnx_switchable(model: nn.Module, path: str | Path, *, batch_size: in
     if family != "vit" or plan.method not in ("spvit", "hard", "evit"):
         raise SpvitError(f"run-time keep ratios are exported for flat ViTs pruned by spvit, hard or evit; this "
                          f"is a {family} model pruned by {plan.method}: export each density instead")  # fmt: skip
-    return _export(model, RuntimeCounts(model), path, batch_size, dynamic_batch, opset, plan.keep)
+    if not operating_points:
+        return _export(model, RuntimeCounts(model), path, batch_size, dynamic_batch, opset, plan.keep)
+    import tempfile
+
+    import onnx
+
+    from .onnx_switch import branch_on_keep
+    from .pruning import set_keep
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="spvit-switch-") as tmp:
+        dynamic = onnx.load(_export(model, RuntimeCounts(model), Path(tmp) / "dynamic.onnx", batch_size,
+                                    dynamic_batch, opset, plan.keep))  # fmt: skip
+        statics = []
+        try:
+            for i, point in enumerate(operating_points):
+                set_keep(model, point)
+                file = export_onnx(model, Path(tmp) / f"p{i}.onnx", batch_size=batch_size, dynamic_batch=dynamic_batch,
+                                   opset=opset)  # fmt: skip
+                statics.append((tuple(point), onnx.load(file)))
+        finally:
+            set_keep(model, plan.keep)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = branch_on_keep(dynamic, statics, INPUT_NAME, KEEP_NAME, OUTPUT_NAME)
+        big = merged.ByteSize() > 1.8e9  # protobuf's 2 GB limit: weights beside, in <file>.data
+        onnx.save(merged, str(path), save_as_external_data=big, location=f"{path.name}.data" if big else None)
+    return path
 
 
 def export_onnx_adaptive(model: nn.Module, path: str | Path, *, opset: int = 17) -> Path:

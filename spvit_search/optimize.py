@@ -46,7 +46,7 @@ from .search import (
     rank_within_noise,
     trial_accuracy,
 )
-from .sharing import HEARTBEAT_S, open_storage, settle
+from .sharing import HEARTBEAT_S, fail_dead_trials, open_storage, settle
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -204,6 +204,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     storage = open_storage(settings.storage, settings.heartbeat_s)
     study = create_study(name, storage, settings.multi_objective, settings.sampler, settings.seed)
     if not worker_only:  # this session's factor (1 without a check), not a resumed study's old one
+        fail_dead_trials(study)  # a resumed study's trials of a crashed run: failed, queued again
         publish_drift(study, latency)
         study.set_user_attr("calib_images", len(images))  # how finely its accuracies can rank plans
     objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective)

@@ -135,6 +135,8 @@ def make_objective(
 ) -> Callable[[optuna.Trial], float | Sequence[float]]:  # fmt: skip
     def objective(trial: optuna.Trial):
         # the lead's drift factor (its device measurements); a worker on another machine has none
+        trial.set_user_attr("pid", os.getpid())  # first: a dead worker's trial is told by its owner
+        trial.set_user_attr("host", socket.gethostname())
         latency.set_drift(trial.study.user_attrs.get("drift", latency.drift))
         plan = space.suggest(trial, model_name)
         predicted = latency.predict(plan).total_ms
@@ -143,8 +145,6 @@ def make_objective(
         trial.set_user_attr("locations", list(plan.locations))
         trial.set_user_attr("method", plan.method)
         trial.set_user_attr("predicted_ms", predicted)
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("host", socket.gethostname())
         if target_ms is not None:
             trial.set_constraint("latency_ms", predicted - target_ms)
             if predicted > target_ms:  # infeasible: no accuracy evaluation at all

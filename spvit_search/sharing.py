@@ -7,8 +7,9 @@ A shared study needs three things beyond Optuna's storage:
   The next worker to start a trial, a worker waiting on that trial's plan, or the lead at the
   end (:func:`settle`) then fails the trial. :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback`
   enqueues the same parameters again, and the next free worker runs them. So no trial stays
-  RUNNING and none is lost. Optuna's journal storage has no heartbeats: a killed process's trial
-  stays RUNNING there, which is why the multi-machine recipe uses PostgreSQL.
+  RUNNING and none is lost. Optuna's journal storage has no heartbeats: there a trial counts as
+  dead when the process on this machine that started it is gone (:func:`fail_dead_trials`), so
+  the journal suits one machine, and the multi-machine recipe uses PostgreSQL.
 * **One evaluation per plan** (:func:`claim`). TPE proposes the same grid point in several
   trials. A completed one is reused. Two running at once must not both evaluate, whichever of
   them wrote its plan first.
@@ -17,6 +18,9 @@ A shared study needs three things beyond Optuna's storage:
 
 from __future__ import annotations
 
+import copy
+import os
+import socket
 import time
 import warnings
 
@@ -29,6 +33,21 @@ HEARTBEAT_S = 10  # a live trial writes its heartbeat this often
 GRACE_BEATS = 3  # missed beats before a trial counts as dead
 MAX_RETRY = 2  # a plan whose trial died this many times is given up (it may be what kills workers)
 POLL_S = 0.25
+CLAIM = "claim"  # user attribute: "" (undecided), "evaluates" or "waits"
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    _RETRY_SAME = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+OWNER_ATTRS = ("pid", "host")  # which process runs a trial (set first thing in the objective)
+
+
+def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a dead trial's parameters again (Optuna's retry), without its owner and claim: until the
+    retry's own objective starts, the dead owner's pid would make it look dead too."""
+    clean = copy.deepcopy(trial)
+    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (*OWNER_ATTRS, CLAIM)}
+    _RETRY_SAME(study, clean)
 
 
 class StorageError(SpvitError):
@@ -54,8 +73,7 @@ def open_storage(spec: str | None, heartbeat_s: int = HEARTBEAT_S):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 spec, heartbeat_interval=heartbeat_s, grace_period=GRACE_BEATS * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_stale_trial_callback=_retry, engine_kwargs={"pool_pre_ping": True},
             )  # fmt: skip
     except ModuleNotFoundError as err:
         driver = f"the {err.name!r} driver: pip install 'spvit-search[postgres]'"
@@ -70,13 +88,41 @@ def has_heartbeats(study: optuna.Study) -> bool:
 
 
 def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail the running trials whose worker is gone, and queue their retries.
+
+    With heartbeats, a trial counts as gone after three silent beats. Without them (the journal
+    storage), a trial counts as gone when it was started on this machine by a process that no
+    longer exists. A study resumed after a crash would otherwise keep that trial RUNNING, and a
+    trial of the same plan would wait for it forever.
+    """
     if has_heartbeats(study):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+        return
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _gone_from_here(trial):
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):  # another process failed it first
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            _retry(study, study.get_trials(deepcopy=False)[trial.number])
 
 
-CLAIM = "claim"  # user attribute: "" (undecided), "evaluates" or "waits"
+def _gone_from_here(trial: FrozenTrial) -> bool:
+    pid, host = trial.user_attrs.get("pid"), trial.user_attrs.get("host")
+    if not pid or pid == os.getpid() or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def claim(trial: optuna.Trial, key: str) -> FrozenTrial | None:
@@ -126,16 +172,14 @@ def claim(trial: optuna.Trial, key: str) -> FrozenTrial | None:
 def settle(study: optuna.Study, run_retries, poll_s: float = 1.0) -> None:
     """Wait until no trial of the study runs. Fail the dead ones and run their retries here
     (``run_retries(n)`` runs n trials; Optuna gives waiting trials out first). Without heartbeats
-    (journal storage), a dead process's trial can never be told from a slow one, so nothing is
-    waited for."""
-    if not has_heartbeats(study):
-        return
+    (journal storage), another machine's or a live process's trial cannot be told from a slow
+    one: its retries are run, but nothing is waited for."""
     while True:
         fail_dead_trials(study)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if waiting:
             run_retries(len(waiting))
             continue
-        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not has_heartbeats(study) or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
         time.sleep(poll_s)

@@ -6,6 +6,7 @@ import copy
 import csv
 import random
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -138,6 +139,35 @@ def test_one_onnx_file_serves_every_density_and_matches_torch(tmp_path):
         export_onnx_switchable(sp.prune(_model(), PLAN.replace(method="tome", package_token=False)), tmp_path / "t")
 
 
+def test_the_switchable_file_runs_a_static_graph_at_each_operating_point(tmp_path):
+    import onnx
+
+    from spvit_search.export import export_onnx, export_onnx_switchable, onnx_session
+
+    model = sp.prune(_model(), PLAN)
+    points = [(0.9, 0.8, 0.7), (0.5, 0.25, 0.125)]
+    path = export_onnx_switchable(model, tmp_path / "branched.onnx", operating_points=points)
+    plain = export_onnx_switchable(model, tmp_path / "dynamic.onnx")
+    graph = onnx.load(path).graph
+    assert [n.op_type for n in graph.node].count("If") == 1  # nested: one If per point, the dynamic graph last
+    # each graph with its own weights (onnxruntime runs shared ones slower): three exports' worth
+    assert 2.5 * plain.stat().st_size < path.stat().st_size < 3.5 * plain.stat().st_size
+    session = onnx_session(path)
+    x = torch.randn(1, 3, 32, 32)
+    for keep in (*points, (0.75, 0.6, 0.3)):
+        with torch.no_grad():
+            expected = sp.set_keep(model, keep)(x).numpy()
+        out = session.run(None, {"image": x.numpy(), "keep": np.asarray(keep, np.float32)})[0]
+        assert abs(out - expected).max() <= 1e-4, keep
+    # at an operating point the branch is that point's static export: the same graph, node for node
+    sp.set_keep(model, points[1])
+    static = onnx.load(export_onnx(model, tmp_path / "static.onnx")).graph
+    second_if = next(a.g for a in graph.node[-1].attribute if a.name == "else_branch").node[0]
+    branch = next(a.g for a in second_if.attribute if a.name == "then_branch")
+    assert [n.op_type for n in branch.node] == [n.op_type for n in static.node]
+    sp.set_keep(model, PLAN.keep)
+
+
 def test_export_cli_writes_the_switchable_file_and_verifies_it(tmp_path):
     ckpt = tmp_path / "pruned.pt"
     model = sp.prune(_model(), PLAN)
@@ -150,6 +180,10 @@ def test_export_cli_writes_the_switchable_file_and_verifies_it(tmp_path):
                                 "--out", str(out)])  # fmt: skip
     assert done.exit_code == 0, done.output
     assert "input 'keep' takes 3 cumulative keep ratios" in done.output and "same top-1 on 400/400" in done.output
+    branched = runner.invoke(main, ["export", "--plan", str(plan_file), "--checkpoint", str(ckpt), "--switchable",
+                                    "--operating-points", "0.9,0.8,0.7;0.75,0.6,0.3", "--out", str(out)])  # fmt: skip
+    assert branched.exit_code == 0, branched.output
+    assert "static graphs for 2 of them" in branched.output and "same top-1 on 400/400" in branched.output
     tflite = runner.invoke(main, ["export", "--plan", str(plan_file), "--checkpoint", str(ckpt), "--switchable",
                                   "--format", "tflite", "--out", str(tmp_path / "sw.tflite")])  # fmt: skip
     assert tflite.exit_code != 0 and "TFLite needs static shapes" in tflite.output

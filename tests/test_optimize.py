@@ -197,6 +197,12 @@ def test_killed_study_resumes_with_its_trials(tmp_path, demo):
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     }
     assert all(study.trials[n].params == params for n, params in kept.items())  # the first run's trials are kept
+    # the trial the kill interrupted (its process gone) was failed on resume and its plan run again
+    assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for dead in [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]:
+        retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+        # (a trial killed before it suggested all its factors is retried with those it had)
+        assert len(retries) == 1 and all(retries[0].params[k] == v for k, v in dead.params.items())
 
 
 def test_multi_objective_front(tmp_path, demo):

@@ -113,7 +113,8 @@ def test_the_readme_recipe_survives_a_worker_killed_mid_trial(tmp_path, demo, se
     assert study.trials[killed].state == TrialState.FAIL  # failed by its silent heartbeat
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retries[0].params == study.trials[killed].params
+    # with the factors the killed trial had suggested (it may have died before suggesting them all)
+    assert all(retries[0].params[k] == v for k, v in study.trials[killed].params.items())
     counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) >= 60
     assert len({t.user_attrs["pid"] for t in counted} | {victim.pid}) >= 3  # lead, its helper, the victim

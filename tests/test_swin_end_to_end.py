@@ -90,7 +90,8 @@ def test_optimize_places_spvit_with_norm_then_finetune_and_search_its_selectors(
     acting = [k for k, before in zip(plan.keep, plan.previous_keep(create_model(MODEL)), strict=True) if k < before]
     kept = [float(v) for v in row["kept"].split("/")]
     windows = [16, 4, 4][: len(kept)]
-    assert kept == pytest.approx([round(k * n) / n for k, n in zip(acting, windows, strict=False)], abs=1e-6)
+    expected = [round(k * n) / n for k, n in zip(acting, windows, strict=False)]
+    assert kept == pytest.approx(expected, abs=5e-4)  # metrics.csv rounds to 3 decimals (11/16: 0.688)
     assert float(row["ratio"]) > 0 and float(row["distill"]) > 0 and float(row["tokens"]) > 0
     assert row["latency"] != ""
 

@@ -160,13 +160,17 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
 @click.option("--switchable", is_flag=True,
               help="ONNX with the keep ratios as a second input ('keep', float32, one per stage): one file "
               "for every density of a weight-shared checkpoint (finetune --densities)")  # fmt: skip
+@click.option("--operating-points", "points_text", default=None, metavar="K1;K2;…",
+              help="with --switchable: densities the checkpoint was trained for (as finetune --densities), "
+                   "each run by a static graph in the file (a static export's speed there)")  # fmt: skip
 @click.option("--allow-disagree", type=int, default=0, show_default=True,
               help="test images whose top-1 may differ from torch's (ties aside): more refuse the export")  # fmt: skip
 @user_errors
-def export(plan_file, model_name, checkpoint, fmt, out, data, verify, switchable, allow_disagree):
+def export(plan_file, model_name, checkpoint, fmt, out, data, verify, switchable, points_text, allow_disagree):
     """Export a (fine-tuned) pruned model to ONNX or TFLite and check it agrees with torch."""
     from pathlib import Path
 
+    from ..densities import parse_densities
     from ..errors import SpvitError
     from ..export import export_onnx, export_onnx_switchable, export_tflite, verify_export
     from ..models import build_model
@@ -183,9 +187,13 @@ def export(plan_file, model_name, checkpoint, fmt, out, data, verify, switchable
     if switchable:
         if fmt != "onnx" or plan is None:
             raise SpvitError("--switchable writes ONNX (TFLite needs static shapes) of a pruned model: give --plan")
-        path = export_onnx_switchable(model, out)
+        points = parse_densities(points_text, plan) if points_text else None
+        path = export_onnx_switchable(model, out, operating_points=points)
+        static = f"; static graphs for {len(points)} of them" if points else ""
         click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input 'keep' takes {len(plan.keep)} "
-                   "cumulative keep ratios, one per stage")  # fmt: skip
+                   f"cumulative keep ratios, one per stage{static}")  # fmt: skip
+    elif points_text:
+        raise click.UsageError("--operating-points goes with --switchable")
     else:
         path = (export_onnx if fmt == "onnx" else export_tflite)(model, out)
         click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
