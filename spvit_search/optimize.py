@@ -251,8 +251,10 @@ def check_drift(latency: PlanLatency, model_name: str, device: DeviceConfig, set
     predicted = latency.predict(plan).total_ms
     trained_at = PruningPlan(locations=space.location_sets[0], keep=(1.0,) * len(space.location_sets[0]),
                              method=space.methods[0], model=model_name)  # fmt: skip
+    # more rounds than a candidate's: one model alone has no partner to share a slow spell of the
+    # device with, and this one figure scales every prediction of the search
     timings, _ = measure_models(device, {"unpruned": _unpruned(model_name, settings, trained_at)},
-                                MeasureSettings(rounds=8, runs=5))  # fmt: skip
+                                MeasureSettings(rounds=24, runs=5))  # fmt: skip
     measured = timings["unpruned"].median_ms
     latency.add_calibration_points([(plan, measured)], refit=False)
     latency.correct_drift([(plan, measured)])

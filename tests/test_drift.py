@@ -68,8 +68,9 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
     assert 0.95 * target <= plan.measured_ms <= target, (target, rows)
     # the staleness as the drift check measured it (×1.33 or ×0.8 the table as measured)
     assert summary["table_off_by"] / baseline["table_off_by"] * factor == pytest.approx(1, abs=0.08)
-    # the goal is two more: benchmarks/drift.py met it in 5 of 6 stale runs and took 4 more in the
-    # sixth (this host's speed moves by ~4% between the drift check and the first candidates)
+    # the goal is two more: benchmarks/drift.py at --verify-top 2 met it in 8 of 8 stale runs with the
+    # check as shipped, and in 5 of 6 with a shorter check (4 more in the sixth: this host's speed
+    # moves by 4-10% between the drift check and the first candidates' session)
     assert summary["measurements"] <= baseline["measurements"] + 4, (rows, baseline["candidates"])
 
 
