@@ -196,7 +196,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
 @main.command()
 @click.option("--device", "device_name", default="local", show_default=True)
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--target-ratio", type=float, default=0.8, show_default=True, help="target = ratio × dense latency")
+@click.option("--target-ratio", type=float, default=0.85, show_default=True, help="target = ratio × dense latency")
 @click.option("--target-ms", type=float, default=None, help="an absolute target instead")
 @click.option("--dense-epochs", type=int, default=50, show_default=True)
 @click.option("--finetune-epochs", type=int, default=30, show_default=True)
