@@ -2,14 +2,17 @@
 
 1. The model (plain checkpoint: EViT, training-free; fine-tuned: its trained selectors), the
    device's latency table and the calibration images.
-2. A target below the fastest plan of the search space is refused, naming that minimum.
-3. The study (``search.py``) runs, resumably, in this process and optional worker processes.
-4. The best feasible candidates are measured end to end on the device, interleaved; each
-   measurement refines the table's calibration; a candidate measured over the target is
-   dropped, and the ranking is redone with the refined calibration until one passes; when
-   none is left, the study searches again (``RESEARCHES`` times, half the trials each) under
-   the refined calibration, whose idea of the budget has moved.
-5. ``plan.yaml`` (with what was predicted and measured, and the table it was predicted from),
+2. The drift check: the unpruned model measured once sets the session's drift factor on every
+   prediction (a table from another day, another unit, another thermal state).
+3. A target below the fastest plan of the search space is refused, naming that minimum.
+4. The study (``search.py``) runs, resumably, in this process, optional worker processes and
+   workers on other machines (``sharing.py``).
+5. The best feasible candidates are measured end to end on the device, interleaved. Each
+   measurement is recorded in the table and updates the drift factor. A candidate measured
+   over the target is dropped, and the ranking is redone until one passes. When none is left,
+   the study searches again (``RESEARCHES`` times, half the trials each) under the corrected
+   predictions, whose idea of the budget has moved.
+6. ``plan.yaml`` (with what was predicted and measured, and the table it was predicted from),
    a PNG of the trials, and a summary.
 """
 
@@ -435,7 +438,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
         if dense_check is not None:
             evidence.references.append((_unpruned_plan(latency, model_name), dense_check["measured_ms"]))
         for search in range(1 + RESEARCHES):
-            if search:  # the misses refined the calibration: search again where it now puts the budget
+            if search:  # the misses corrected the predictions: search again where they now put the budget
                 objective = make_objective(space, latency, evaluator, settings.target_ms, model_name,
                                            settings.multi_objective)  # fmt: skip
                 study.optimize(objective, n_trials=max(1, settings.trials // 2), catch=())
