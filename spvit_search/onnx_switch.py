@@ -7,16 +7,14 @@ and counts computed in the graph. An ``If`` on ``keep`` that runs a static expor
 operating point costs a few small nodes and the ``If``.
 
 Each branch keeps its own copy of the weights, so the file holds them once per operating point
-and once more for the dynamic graph. Sharing them is possible (``share_weights``: every
-initializer hoisted to the main graph by its content), but onnxruntime then runs the branches
-1.01-1.17× slower than the static exports on DeiT-Ti (1.06-1.26× on the demo model), the more
-the deeper the ``If`` is nested. It appears not to pre-pack weights that come from an outer
-scope. With their own weights the branches ran at 0.96-1.00× the static exports.
+and once more for the dynamic graph. Shared ones (every initializer hoisted to the main graph by
+its content: tried, not kept) ran the branches 1.01-1.17× slower than the static exports on
+DeiT-Ti (1.06-1.26× on the demo model), the more the deeper the ``If`` is nested: onnxruntime
+appears not to pre-pack weights that come from an outer scope. With their own weights the
+branches ran at 0.96-1.00× the static exports.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import onnx
@@ -28,17 +26,16 @@ MATCH_TOLERANCE = 1e-6  # |keep − an operating point| under which its static b
 
 
 def branch_on_keep(dynamic: onnx.ModelProto, statics: list[tuple[tuple[float, ...], onnx.ModelProto]],
-                   image: str, keep: str, output: str, share_weights: bool = False) -> onnx.ModelProto:  # fmt: skip
+                   image: str, keep: str, output: str) -> onnx.ModelProto:  # fmt: skip
     """Merge ``dynamic`` (inputs ``image`` and ``keep``) and static exports of operating points
     (input ``image``) into one model with ``dynamic``'s inputs and output: keep equal to an
     operating point (within ``MATCH_TOLERANCE``) runs its static graph, any other the dynamic one."""
-    hoisted: dict[str, onnx.TensorProto] = {}  # content hash → the initializer kept in the main graph
-    pool = hoisted if share_weights else None
-    branches = [_as_branch(m, f"p{i}", pool, image, keep, output) for i, (_, m) in enumerate(statics)]
-    fallback = _as_branch(dynamic, "dyn", pool, image, keep, output)
+    branches = [_as_branch(m, f"p{i}", image, output) for i, (_, m) in enumerate(statics)]
     graph_out = dynamic.graph.output[0]
-    points = numpy_helper.from_array(np.asarray([p for p, _ in statics], np.float32), "points")  # (P, S)
-    tol = numpy_helper.from_array(np.float32(MATCH_TOLERANCE), "match_tolerance")
+    initializers = [
+        numpy_helper.from_array(np.asarray([p for p, _ in statics], np.float32), "points"),  # (P, S)
+        numpy_helper.from_array(np.float32(MATCH_TOLERANCE), "match_tolerance"),
+    ]
     nodes = [  # which operating point keep is, as few nodes as possible: each costs µs at run time
         helper.make_node("Sub", [keep, "points"], ["offsets"]),
         helper.make_node("Abs", ["offsets"], ["abs_offsets"]),
@@ -46,19 +43,17 @@ def branch_on_keep(dynamic: onnx.ModelProto, statics: list[tuple[tuple[float, ..
         helper.make_node("Less", ["max_offsets", "match_tolerance"], ["matches"]),
     ]
     for i in range(len(statics)):
-        index = numpy_helper.from_array(np.int64(i), f"point_index{i}")
-        nodes.append(helper.make_node("Gather", ["matches", index.name], [f"is{i}"], axis=0))
-        hoisted[index.name] = index
-    inner = fallback
+        initializers.append(numpy_helper.from_array(np.int64(i), f"point_index{i}"))
+        nodes.append(helper.make_node("Gather", ["matches", f"point_index{i}"], [f"is{i}"], axis=0))
+    inner = _as_branch(dynamic, "dyn", image, output, keep)
     for i in reversed(range(len(statics))):
-        out = f"out{i}"
-        node = helper.make_node("If", [f"is{i}"], [out if i else output], then_branch=branches[i], else_branch=inner)
+        node = helper.make_node("If", [f"is{i}"], [f"out{i}" if i else output], then_branch=branches[i],
+                                else_branch=inner)  # fmt: skip
         if i == 0:
             nodes.append(node)
         else:
-            inner = helper.make_graph([node], f"else{i}", [], [_value_like(graph_out, out)])
-    main = helper.make_graph(nodes, "switchable", list(dynamic.graph.input), [graph_out],
-                             initializer=[points, tol, *hoisted.values()])  # fmt: skip
+            inner = helper.make_graph([node], f"else{i}", [], [_value_like(graph_out, f"out{i}")])
+    main = helper.make_graph(nodes, "switchable", list(dynamic.graph.input), [graph_out], initializer=initializers)
     merged = helper.make_model(main, opset_imports=dynamic.opset_import, producer_name="spvit-search")
     merged.ir_version = dynamic.ir_version
     onnx.checker.check_model(merged)
@@ -72,27 +67,16 @@ def _value_like(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
     return copy
 
 
-def _as_branch(model: onnx.ModelProto, prefix: str, hoisted: dict[str, onnx.TensorProto], image: str, keep: str,
-               output: str) -> onnx.GraphProto:  # fmt: skip
-    """``model``'s graph as an ``If`` branch: no inputs (the image and keep come from the main
-    graph), its initializers hoisted, every other name prefixed so branches cannot collide."""
-    rename = {image: image, keep: keep, "": ""}
-    if hoisted is None:  # the branch keeps its own weights
-        local = []
-        for init in model.graph.initializer:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(init)
-            copy.name = rename[init.name] = f"{prefix}/{init.name}"
-            local.append(copy)
-    for init in model.graph.initializer if hoisted is not None else []:
-        array = numpy_helper.to_array(init)
-        digest = hashlib.sha256(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()
-        if digest not in hoisted:
-            kept = onnx.TensorProto()
-            kept.CopyFrom(init)
-            kept.name = f"w{len(hoisted)}"
-            hoisted[digest] = kept
-        rename[init.name] = hoisted[digest].name
+def _as_branch(model: onnx.ModelProto, prefix: str, image: str, output: str, *outer: str) -> onnx.GraphProto:
+    """``model``'s graph as an ``If`` branch: no inputs (``image`` and the ``outer`` names come from
+    the main graph), every other name, its weights' included, prefixed so branches cannot collide."""
+    rename = {name: name for name in (image, *outer, "")}
+    weights = []
+    for init in model.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = rename[init.name] = f"{prefix}/{init.name}"
+        weights.append(copy)
     nodes = []
     for node in model.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
@@ -107,5 +91,4 @@ def _as_branch(model: onnx.ModelProto, prefix: str, hoisted: dict[str, onnx.Tens
     out = model.graph.output[0]
     if out.name != output:
         raise SpvitError(f"branch output {out.name!r}, expected {output!r}")
-    return helper.make_graph(nodes, prefix, [], [_value_like(out, rename[output])],
-                             initializer=local if hoisted is None else None)  # fmt: skip
+    return helper.make_graph(nodes, prefix, [], [_value_like(out, rename[output])], initializer=weights)

@@ -181,7 +181,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         what = "the unpruned model" if settings.drift_check else "the first candidates"
         click.echo(f"  the table predicted {what} {abs(off - 1) * 100:.0f}% {way} "
                    f"(measured ×{off:.3f}; stale, or measured in another state of the device): ranked with this "
-                   f"session's measurements (×{result.drift:.3f} on the refined table); re-profile the device if "
+                   f"session's measurements (×{result.drift:.3f}); re-profile the device if "
                    "this persists")  # fmt: skip
     if result.measurements:
         click.echo(f"  whole-model measurements on the device: {result.measurements}")
