@@ -134,9 +134,9 @@ def make_objective(
     multi_objective: bool,
 ) -> Callable[[optuna.Trial], float | Sequence[float]]:  # fmt: skip
     def objective(trial: optuna.Trial):
-        # the lead's drift factor (its device measurements); a worker on another machine has none
         trial.set_user_attr("pid", os.getpid())  # first: a dead worker's trial is told by its owner
         trial.set_user_attr("host", socket.gethostname())
+        # the lead's drift factor (its device measurements); a worker on another machine has none
         latency.set_drift(trial.study.user_attrs.get("drift", latency.drift))
         plan = space.suggest(trial, model_name)
         predicted = latency.predict(plan).total_ms
