@@ -33,7 +33,9 @@ def _args(demo, *extra: str) -> list[str]:
 
 
 def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
-    target = round(demo["dense_ms"] * 0.7, 3)
+    # 0.8 of the table's dense, not 0.7: the drift check scales the fastest plan (0.6-0.7 of dense)
+    # by the host's speed now, and a host a few % slower than at profiling left 0.7 out of reach
+    target = round(demo["dense_ms"] * 0.8, 3)
     out = tmp_path / "plan.yaml"
     result = CliRunner().invoke(main, _args(demo, "--target-ms", str(target), "--trials", "60", "--verify-top", "2",
                                             "--out", str(out), "--json"))  # fmt: skip
@@ -42,8 +44,8 @@ def test_optimize_meets_the_target_on_the_device(tmp_path, demo):
     plan = sp.PruningPlan.load(out)
     assert plan.model == MODEL and plan.device == "local" and plan.target_ms == target
     assert plan.measured_ms is not None and plan.measured_ms <= target
-    # predicted_ms is re-predicted with the calibration its own measurement refined: it may sit
-    # either side of the target; the measurement is what must meet it
+    # predicted_ms is re-predicted with this session's drift factor: it may sit either side of the
+    # target; the measurement is what must meet it
     assert plan.predicted_ms > 0 and plan.lut["sha256"] and len(plan.block_tokens) == 6
     assert summary["trials"]["trials"] in (60, 90, 120)  # more when every candidate missed and it searched again
     assert summary["trials"]["infeasible"] > 0
