@@ -4,8 +4,9 @@ A fresh table for the model is profiled and calibrated here. Two stale copies ar
 (``write_rescaled``) as if the device had run 25% faster (×0.75) or slower (×1.25) on the day
 they were measured. `spvit-search optimize` runs on each of the three tables with the same
 absolute target (``--ratio`` × the fresh table's dense prediction), with and without its drift
-check, ``--reps`` times, the cases rotated. EViT, agreement with the dense model's top-1 on demo
-images (no ImageNet weights here), ``--verify-top`` candidates per round verified on the device.
+check, ``--reps`` times, the cases rotated. EViT, by default scored by agreement with the
+random-weight model's top-1 on demo images (no ImageNet weights here), or by top-1 of a trained
+``--checkpoint`` on its ``--data``; ``--verify-top`` candidates per round verified on the device.
 
 Per run the benchmark reports the shipped plan's measured latency / target (goal −5%…0), the
 number of whole-model measurements (goal: at most two more than on the fresh table in the same
@@ -13,6 +14,7 @@ rep), and ``table_off_by`` (the staleness the run saw: ×1.33 or ×0.8 times the
 
     python benchmarks/drift.py [--model deit_tiny_patch16_224] [--ratio 0.8] [--reps 3] [--trials 40]
                                [--verify-top 3] [--modes on,off] [--json benchmarks/results/drift.json]
+                               [--checkpoint FILE --data fashion --objective accuracy --calib-images 256]
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--calib-images", type=int, default=32)
+    ap.add_argument("--checkpoint", type=Path, help="trained weights of --model (default: random, scored by agreement)")
+    ap.add_argument("--data", default="demo", help="calibration data (with --checkpoint: its data)")
+    ap.add_argument("--objective", choices=("agreement", "accuracy"), default="agreement")
     ap.add_argument("--verify-top", type=int, default=3, help="candidates per round (optimize's default: 3)")
     ap.add_argument("--modes", default="on,off", help="drift check on, off, or both")
     ap.add_argument("--json", type=Path, default=RESULTS / "drift.json")
@@ -69,10 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
                 tables = work / f"r{rep}-{name}{check}"
                 shutil.rmtree(tables, ignore_errors=True)
                 write_rescaled(src, table_path(tables, "local", "onnxruntime", 1, 1), factor)
-                done = cli("optimize", "--model", args.model, "--tables", str(tables), "--objective", "agreement",
-                           "--calib-images", str(args.calib_images), "--target-ms", str(target), "--trials",
-                           str(args.trials), "--verify-top", str(args.verify_top), check, "--out",
-                           str(tables / "plan.yaml"), "--json")  # fmt: skip
+                weights = ("--checkpoint", str(args.checkpoint.resolve())) if args.checkpoint else ()
+                done = cli("optimize", "--model", args.model, "--tables", str(tables), "--objective", args.objective,
+                           *weights, "--data", args.data, "--calib-images", str(args.calib_images),
+                           "--target-ms", str(target), "--trials", str(args.trials), "--verify-top",
+                           str(args.verify_top), check, "--out", str(tables / "plan.yaml"), "--json")  # fmt: skip
                 row = {"rep": rep, "case": name, "factor": factor, "drift_check": check == "--drift-check"}
                 if done.returncode != 0:
                     row["error"] = done.stderr.strip().splitlines()[-1][:300]
@@ -80,11 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
                     out = json.loads(done.stdout)
                     row.update(measured_over_target=round(out["measured_ms"] / target, 4),
                                measurements=out["measurements"] or len(out["candidates"]),
-                               table_off_by=out["table_off_by"], drift=round(out["drift"], 4))  # fmt: skip
+                               table_off_by=out["table_off_by"], drift=round(out["drift"], 4),
+                               candidates=[{"accuracy": round(c["accuracy"], 2), "keep": c["keep"],
+                                            "measured_over_target": round(c["measured_ms"] / target, 4)}
+                                           for c in out["candidates"]])  # fmt: skip
                 runs.append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "candidates"}), flush=True)
     summary = _summary(runs)
-    result = {"model": args.model, "target_ms": target, "dense_predicted_ms": predicted, "ratio": args.ratio,
+    result = {"model": args.model, "checkpoint": args.checkpoint and args.checkpoint.name, "data": args.data,
+              "objective": args.objective, "calib_images": args.calib_images, "target_ms": target,
+              "dense_predicted_ms": predicted, "ratio": args.ratio,
               "trials": args.trials, "verify_top": args.verify_top, "runs": runs, "summary": summary}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -333,3 +333,20 @@ def test_plans_tied_within_the_calibration_noise_are_ranked_slowest_first():
     assert [r[0] for r in candidate_batch(rows, 3, 15.0)] == ["b", "c", "d"]
     assert [r[0] for r in candidate_batch(rows, 2, 16.0)] == ["b", "c"]  # b is safe already: the next best
     assert [r[0] for r in candidate_batch(rows, 1, 15.0)] == ["b"]
+
+
+def test_a_closer_look_measures_only_plans_that_could_rank_above_the_chosen_one():
+    import optuna
+
+    from spvit_search.optimize import could_displace
+
+    def row(name: str, accuracy: float, predicted_ms: float):
+        trial = optuna.trial.create_trial(value=accuracy, user_attrs={"accuracy": accuracy, "name": name})
+        return trial, None, predicted_ms
+
+    chosen = {"accuracy": 90.0, "measured_ms": 13.0}  # 100 images: the band is 3 points
+    rows = [row("slower, tied", 88.0, 14.5), row("slower, better", 95.0, 14.0), row("slower, worse", 80.0, 14.9),
+            row("faster, tied", 89.0, 12.0)]  # fmt: skip
+    kept = [r[0].user_attrs["name"] for r in could_displace(rows, chosen, images=100)]
+    assert kept == ["slower, tied", "slower, better"]
+    assert could_displace(rows, chosen, images=None) == [rows[1]]  # no noise known: only a better score
