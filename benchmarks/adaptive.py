@@ -11,7 +11,11 @@ are calibrated to that plan by its ratio loss. For each seed:
 3. on the test split: top-1 of both (the adaptive model in batches; a batch equals batch 1),
    each image's latency measured with both files (median of ``--repeats`` runs per image,
    files alternating image by image, onnxruntime CPU, 1 thread), the predicted latency of each
-   image from its counts (``PlanLatency.predict_counts``): mean, p50 and p95 of both;
+   image from its counts (``PlanLatency.predict_counts``): mean, p50 and p95 of both. With them,
+   ``--calib-latency-images`` calibration images run through both files, spread evenly among
+   the test images (same session, same spells of the host): their measured / predicted ratios
+   (``CountsLatency``) turn the table's predictions into the session's distribution, whose
+   mean, p50 and p95 are compared with the test images' measured ones;
 4. batches of 64 in torch: the padded share of the token slots and the time against the fixed
    counts (the price of the pad-to-largest policy).
 
@@ -36,7 +40,7 @@ from spvit_search.data import build_dataset
 from spvit_search.devices import DeviceRegistry
 from spvit_search.export import export_onnx, export_onnx_adaptive, onnx_session
 from spvit_search.models import build_model
-from spvit_search.predictor import PlanLatency
+from spvit_search.predictor import CountsLatency, PlanLatency
 from spvit_search.pruning import AdaptiveCount, pruning_state, set_adaptive
 from spvit_search.train import evaluate
 
@@ -82,6 +86,18 @@ def per_image_ms(sessions: dict, images: torch.Tensor, repeats: int) -> dict[str
                 times.append(time.perf_counter() - t0)
             out[name].append(1e3 * statistics.median(times))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def per_image_ms_interleaved(sessions: dict, images: torch.Tensor, reference: torch.Tensor, repeats: int):
+    """:func:`per_image_ms` of ``images`` and of the calibration ``reference`` images, the latter
+    spread evenly among the former, so both see the same spells of the host (it drifts 4-10%
+    within minutes). Returns both dicts, in their own order."""
+    n, m = len(images), len(reference)
+    order = np.argsort(np.concatenate([np.arange(n) / n, (np.arange(m) + 0.5) / m]), kind="stable")
+    ms = per_image_ms(sessions, torch.cat([images, reference])[torch.from_numpy(order)], repeats)
+    back = np.argsort(order)
+    ms = {k: v[back] for k, v in ms.items()}
+    return {k: v[:n] for k, v in ms.items()}, {k: v[n:] for k, v in ms.items()}
 
 
 def summary(ms: np.ndarray) -> dict:
@@ -132,15 +148,23 @@ def run_seed(args, seed: int, device, root: Path, calib: torch.Tensor, test) -> 
     set_adaptive(model, None)
     top1["fixed"] = evaluate(model, test, cpu)[0]
     images = torch.stack([test[i][0] for i in range(args.latency_images)])
+    reference = calib[: args.calib_latency_images]
     set_adaptive(model, AdaptiveCount(scale=scale))
-    counts = counts_of(model, images)
-    measured = per_image_ms({"fixed": onnx_session(fixed_file), "adaptive": onnx_session(adaptive_file)}, images,
-                            args.repeats)  # fmt: skip
+    counts, reference_counts = counts_of(model, images), counts_of(model, reference)
+    sessions = {"fixed": onnx_session(fixed_file), "adaptive": onnx_session(adaptive_file)}
+    measured, reference_ms = per_image_ms_interleaved(sessions, images, reference, args.repeats)
     predicted = latency.predict_counts(plan, counts)
+    session = {"adaptive": CountsLatency.fit(latency.predict_counts(plan, reference_counts), reference_ms["adaptive"]),
+               "fixed": CountsLatency.fit(np.full(len(reference), fixed_ms), reference_ms["fixed"])}  # fmt: skip
+    in_session = {"adaptive": session["adaptive"].percentiles(predicted),
+                  "fixed": session["fixed"].percentiles(np.full(len(images), fixed_ms))}  # fmt: skip
     pad = padding_cost(model, images[:640], plan)
     return {"seed": seed, "scale": round(scale, 4), "scale_steps": steps, "test_top1": top1,
             "measured_ms": {k: summary(v) for k, v in measured.items()},
             "predicted_ms": {"adaptive": summary(predicted), "fixed": round(fixed_ms, 4)},
+            "predicted_in_session_ms": {k: {q: round(v, 4) for q, v in d.items()} for k, d in in_session.items()},
+            "predicted_over_measured": {k: {q: round(in_session[k][q] / summary(measured[k])[q], 4)
+                                            for q in ("mean", "p50", "p95")} for k in in_session},
             "counts_mean": counts.mean(axis=0).round(2).tolist(), "counts_p5": np.percentile(counts, 5, 0).tolist(),
             "counts_p95": np.percentile(counts, 95, 0).tolist(), "batched_64": pad}  # fmt: skip
 
@@ -201,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['test_top1']['adaptive']:.2f}%; measured mean fixed {r['measured_ms']['fixed']['mean']:.3f} "
               f"adaptive {r['measured_ms']['adaptive']['mean']:.3f} ms; adaptive p50/p95 predicted "
               f"{r['predicted_ms']['adaptive']['p50']:.3f}/{r['predicted_ms']['adaptive']['p95']:.3f} measured "
-              f"{r['measured_ms']['adaptive']['p50']:.3f}/{r['measured_ms']['adaptive']['p95']:.3f}; batched: "
+              f"{r['measured_ms']['adaptive']['p50']:.3f}/{r['measured_ms']['adaptive']['p95']:.3f}; in session "
+              f"predicted/measured {r.get('predicted_over_measured')}; batched: "
               f"padded {pad['padded_slot_share']}, time ×{pad['time_adaptive_over_fixed']}")  # fmt: skip
     return results
 

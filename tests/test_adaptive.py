@@ -101,6 +101,21 @@ def test_predicted_distribution_follows_the_counts(tmp_path):
     assert ms[1] > ms[0] > ms[2]
 
 
+def test_the_session_distribution_carries_the_calibration_images_ratios():
+    from spvit_search.predictor import CountsLatency
+
+    rng = np.random.default_rng(0)
+    jitter = rng.lognormal(0.0, 0.04, 400)  # the device's: the same counts, another time each run
+    session = CountsLatency.fit(np.full(400, 0.7), 0.7 * 1.15 * jitter)  # the graph costs 15% more
+    predicted = np.array([0.7, 0.75, 0.8])
+    got = session.percentiles(predicted)
+    expected = np.outer(predicted, 1.15 * jitter).ravel()
+    assert got["p50"] == pytest.approx(np.percentile(expected, 50)) and got["mean"] == pytest.approx(expected.mean())
+    assert got["p95"] > 1.15 * 0.8 > got["p50"] > 1.15 * 0.7  # the spread of the counts and of the device
+    with pytest.raises(ValueError, match="one measurement per prediction"):
+        CountsLatency.fit(np.ones(3), np.ones(2))
+
+
 def test_adaptive_counts_are_refused_where_they_do_not_apply(tmp_path):
     with pytest.raises(ValueError, match="not pruned"):
         set_adaptive(create_model(MODEL), AdaptiveCount())
