@@ -329,9 +329,10 @@ class CountsLatency:
     latency. The distribution over other images is then every image's prediction times every
     ratio (their product set), whose percentiles are the prediction.
 
-    Why not a single factor: on the 0.85 ms Fashion-MNIST model the fixed-count file's p95 lies
-    6% above its p50 with every image keeping the same counts, that is, jitter alone. A single
-    factor would predict the p50 and miss the p95 by about that much.
+    Why not a single factor: on the 0.9 ms Fashion-MNIST model the fixed-count file's p95 lies
+    8.5-10% above its p50 with every image keeping the same counts, that is, jitter alone
+    (benchmarks/adaptive.py). A single factor would predict the p50 and miss the p95 by about
+    that much.
     """
 
     ratios: np.ndarray
