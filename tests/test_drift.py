@@ -68,13 +68,13 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
     summary, plan = _optimize(stale, fresh["target"])
     target, baseline = fresh["target"], fresh["baseline"]
     rows = [(c["keep"], c["predicted_ms"], c["measured_ms"]) for c in summary["candidates"]]
-    # the goal is −5%…0 (benchmarks/drift.py: 16 of 16 stale runs of this model, 0.954-0.996). One
+    # the goal is −5%…0 (benchmarks/drift.py: 15 of 16 stale runs of this model, 0.940-1.000). One
     # run may land on either side of 0.95 by this host's noise, so the test takes −7%
     assert 0.93 * target <= plan.measured_ms <= target, (target, rows)
     # the staleness as the drift check measured it (×1.33 or ×0.8 the table as measured)
     assert summary["table_off_by"] / baseline["table_off_by"] * factor == pytest.approx(1, abs=0.08)
-    # the goal is two more: benchmarks/drift.py met it in 15 of 16 stale runs of this model (3 more
-    # in one: a round of three misses); a round of misses on either side costs 3-5, hence +4
+    # the goal is two more: benchmarks/drift.py met it in 14 of 16 stale runs of this model (3 more
+    # in two: a round of three misses); a round of misses on either side costs 3-5, hence +4
     assert summary["measurements"] <= baseline["measurements"] + 4, (rows, baseline["candidates"])
 
 
