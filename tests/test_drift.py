@@ -71,8 +71,10 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
     # the goal is −5%…0 (benchmarks/drift.py: 15 of 16 stale runs of this model, 0.940-1.000). One
     # run may land on either side of 0.95 by this host's noise, so the test takes −7%
     assert 0.93 * target <= plan.measured_ms <= target, (target, rows)
-    # the staleness as the drift check measured it (×1.33 or ×0.8 the table as measured)
-    assert summary["table_off_by"] / baseline["table_off_by"] * factor == pytest.approx(1, abs=0.08)
+    # the staleness as the drift check measured it (×1.33 or ×0.8 the table as measured), each of
+    # the two checks one session of this 0.9 ms model: sessions minutes apart differ by up to ±5%
+    # here (seen: 0.915 once in ten runs), hence ±12%; the benchmark's medians: ×1.32 and ×0.80
+    assert summary["table_off_by"] / baseline["table_off_by"] * factor == pytest.approx(1, abs=0.12)
     # the goal is two more: benchmarks/drift.py met it in 14 of 16 stale runs of this model (3 more
     # in two: a round of three misses); a round of misses on either side costs 3-5, hence +4
     assert summary["measurements"] <= baseline["measurements"] + 4, (rows, baseline["candidates"])
