@@ -319,11 +319,12 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
 
     measured: dict[str, dict] = {}
     chosen, looked_closer = None, False
+    images = study.user_attrs.get("calib_images")  # once: an RDB storage reads it from the database
     for _ in range(rounds):
         ranked = [r for r in feasible_ranked(study, settings.target_ms, latency, model_name)
                   if r[0].user_attrs["plan_key"] not in measured]  # fmt: skip
         if looked_closer:
-            ranked = could_displace(ranked, chosen, study.user_attrs.get("calib_images"))
+            ranked = could_displace(ranked, chosen, images)
         size = settings.verify_top if not measured else min(settings.verify_top, LATER_ROUND)
         batch = candidate_batch(ranked, size, settings.target_ms)
         if not batch:
@@ -352,8 +353,7 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
             }  # fmt: skip
         passing = [c for c in measured.values() if not c["over_target"]]
         if passing:
-            best = rank_within_noise(passing, lambda c: c["accuracy"], lambda c: c["measured_ms"],
-                                     study.user_attrs.get("calib_images"))[0]  # fmt: skip
+            best = rank_within_noise(passing, lambda c: c["accuracy"], lambda c: c["measured_ms"], images)[0]
             if best["measured_ms"] >= (1 - UNDERUSE) * budget or looked_closer:
                 return list(measured.values()), best
             looked_closer = True  # once: the drift just measured may admit plans nearer the budget
