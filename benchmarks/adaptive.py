@@ -17,7 +17,10 @@ are calibrated to that plan by its ratio loss. For each seed:
    (``CountsLatency``) turn the table's predictions into the session's distribution, whose
    mean, p50 and p95 are compared with the test images' measured ones;
 4. batches of 64 in torch: the padded share of the token slots and the time against the fixed
-   counts (the price of the pad-to-largest policy).
+   counts (the price of the pad-to-largest policy);
+5. in torch on the calibration images, no graph overhead: top-1 and mean counts of the fixed
+   plan, of expected counts at three scales, and of a mass threshold (``MassCount``) at four
+   shares (``policies_calib``).
 
     python benchmarks/adaptive.py [--seeds 0,1,2] [--keep 0.7,0.49,0.343] [--latency-images 2000]
         [--out runs/adaptive] [--results benchmarks/results/adaptive.json]
@@ -26,6 +29,7 @@ are calibrated to that plan by its ratio loss. For each seed:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -40,6 +44,7 @@ from spvit_search.data import build_dataset
 from spvit_search.devices import DeviceRegistry
 from spvit_search.export import export_onnx, export_onnx_adaptive, onnx_session
 from spvit_search.models import build_model
+from spvit_search.plan import kept_count
 from spvit_search.predictor import CountsLatency, PlanLatency
 from spvit_search.pruning import AdaptiveCount, pruning_state, set_adaptive
 from spvit_search.train import evaluate
@@ -105,7 +110,7 @@ def summary(ms: np.ndarray) -> dict:
             "p95": round(float(np.percentile(ms, 95)), 4)}  # fmt: skip
 
 
-def run_seed(args, seed: int, device, root: Path, calib: torch.Tensor, test) -> dict:
+def run_seed(args, seed: int, device, root: Path, calib: torch.Tensor, calib_labels: torch.Tensor, test) -> dict:
     plan = sp.PruningPlan(locations=args.locations, keep=args.keep, method="spvit", model=MODEL)
     ckpt = args.checkpoints / "-".join(f"{k:g}" for k in args.keep) / f"seed{seed}" / "model.pt"
     model = build_model(MODEL, ckpt, plan).eval()
@@ -159,14 +164,58 @@ def run_seed(args, seed: int, device, root: Path, calib: torch.Tensor, test) -> 
     in_session = {"adaptive": session["adaptive"].percentiles(predicted),
                   "fixed": session["fixed"].percentiles(np.full(len(images), fixed_ms))}  # fmt: skip
     pad = padding_cost(model, images[:640], plan)
+    measured_ms = {k: summary(v) for k, v in measured.items()}
     return {"seed": seed, "scale": round(scale, 4), "scale_steps": steps, "test_top1": top1,
-            "measured_ms": {k: summary(v) for k, v in measured.items()},
+            "measured_ms": measured_ms,
             "predicted_ms": {"adaptive": summary(predicted), "fixed": round(fixed_ms, 4)},
             "predicted_in_session_ms": {k: {q: round(v, 4) for q, v in d.items()} for k, d in in_session.items()},
-            "predicted_over_measured": {k: {q: round(in_session[k][q] / summary(measured[k])[q], 4)
+            "predicted_over_measured": {k: {q: round(in_session[k][q] / measured_ms[k][q], 4)
                                             for q in ("mean", "p50", "p95")} for k in in_session},
+            "policies_calib": policies(model, calib, calib_labels, plan),
             "counts_mean": counts.mean(axis=0).round(2).tolist(), "counts_p5": np.percentile(counts, 5, 0).tolist(),
             "counts_p95": np.percentile(counts, 95, 0).tolist(), "batched_64": pad}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class MassCount(AdaptiveCount):
+    """A policy tried against the expected count (not in the package): the fewest top-scored
+    tokens whose keep probabilities hold a share ``tau`` of the image's Σp."""
+
+    tau: float = 0.9
+
+    def counts(self, keep_logp: torch.Tensor, real: torch.Tensor, keep: float, num_patches: int) -> torch.Tensor:
+        lo, hi = self.bounds(keep, num_patches)
+        ranked, _ = (keep_logp.exp() * real).sort(dim=1, descending=True)
+        share = ranked.cumsum(dim=1) / ranked.sum(dim=1, keepdim=True)
+        k = ((share < self.tau).sum(dim=1) + 1).float().clamp(min=lo, max=hi)
+        return torch.minimum(k, real.sum(dim=1) - 1).clamp(min=1).to(torch.int64)
+
+
+def policies(model, images: torch.Tensor, labels: torch.Tensor, plan: sp.PruningPlan) -> dict:
+    """Torch, calibration split, no graph overhead: top-1 and mean counts of the fixed plan, of
+    expected counts at three scales and of :class:`MassCount` at four shares. Whether a policy
+    gains anything at equal counts before the adaptive file's cost is paid."""
+    setting = pruning_state(model).adaptive
+    out = {}
+    candidates = {
+        "fixed": None,
+        **{f"expected x{s:g}": AdaptiveCount(scale=s) for s in (0.9, 1.0, 1.1)},
+        **{f"mass {t:g}": MassCount(tau=t, min_factor=0.3, max_factor=2.0) for t in (0.8, 0.85, 0.9, 0.95)},
+    }
+    for name, policy in candidates.items():
+        set_adaptive(model, policy)
+        correct, counts = 0, []
+        with torch.no_grad():
+            for i in range(0, len(images), 250):
+                correct += int((model(images[i : i + 250]).argmax(1) == labels[i : i + 250]).sum())
+                if policy is not None:
+                    counts.append(torch.stack(pruning_state(model).adaptive_counts, dim=1).numpy())
+        patches = model.patch_embed.num_patches
+        c = np.concatenate(counts) if counts else np.array([[kept_count(k, patches) for k in plan.keep]])
+        out[name] = {"top1": round(100 * correct / len(images), 2), "counts_mean": c.mean(axis=0).round(1).tolist(),
+                     "first_stage_p5_p95": np.percentile(c[:, 0], [5, 95]).tolist()}  # fmt: skip
+    set_adaptive(model, setting)
+    return out
 
 
 def padding_cost(model, images: torch.Tensor, plan: sp.PruningPlan) -> dict:
@@ -211,12 +260,13 @@ def main(argv: list[str] | None = None) -> dict:
     root = tables(args.out, device, SHIPPED_TEACHERS[DATA])
     calib_set = build_dataset(DATA, "calib", build_model(MODEL))
     calib = torch.stack([calib_set[i][0] for i in range(min(args.calib_images, len(calib_set)))])
+    calib_labels = torch.stack([calib_set[i][1] for i in range(len(calib))])
     test = build_dataset(DATA, "test", build_model(MODEL))
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     results.setdefault("seeds", {})
     for seed in args.seeds:
         if str(seed) not in results["seeds"]:
-            results["seeds"][str(seed)] = run_seed(args, seed, device, root, calib, test)
+            results["seeds"][str(seed)] = run_seed(args, seed, device, root, calib, calib_labels, test)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1))
         r = results["seeds"][str(seed)]

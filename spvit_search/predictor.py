@@ -330,7 +330,7 @@ class CountsLatency:
     ratio (their product set), whose percentiles are the prediction.
 
     Why not a single factor: on the 0.9 ms Fashion-MNIST model the fixed-count file's p95 lies
-    8.5-10% above its p50 with every image keeping the same counts, that is, jitter alone
+    8-10% above its p50 with every image keeping the same counts, that is, jitter alone
     (benchmarks/adaptive.py). A single factor would predict the p50 and miss the p95 by about
     that much.
     """
