@@ -18,9 +18,10 @@ The sparse paths' losses are averaged: the dense path weighs as much as all of t
 which keeps the dense option where the teacher was (calibration split, seeds 0 / 1, no ratio
 loss: dense option 87.80 / 87.20% with the sparse losses summed, 88.00 / 87.65% averaged, the
 teacher 87.85%; the densities' mean 86.19 / 85.63 summed, 86.11 / 85.63 averaged). Shares in
-proportion to the tokens each path removes (the sparsest 0.37, the densest 0.11) were tried for
-the sparsest density's lag, and did not help it (calibration split, seeds 0 / 1: 83.95 / 83.45%
-against 83.90 / 84.15% with equal shares; a separate fine-tune there: 84.75 / 84.90%).
+proportion to the tokens each path removes (the sparsest 0.37, the densest 0.11) were tried once
+for the sparsest density's lag (2026-12-01, code not kept), and did not help it (calibration
+split, seeds 0 / 1: 83.95 / 83.45% against 83.90 / 84.15% with equal shares; a separate
+fine-tune there: 84.75 / 84.90%).
 
 No ratio loss on the sparse paths: the exact top-k already fixes each path's count, and one
 shared selector given four targets for its mean keep probability is pulled four ways, through
