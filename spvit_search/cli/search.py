@@ -146,6 +146,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         "fastest_ms": result.fastest_ms, "trials": result.counts, "seconds": round(result.seconds, 1),
         "candidates": result.candidates, "scored_by": result.proxy or plan.method, "drift": result.drift,
         "table_off_by": round(result.stale, 4), "measurements": result.measurements,
+        "unpruned_session_ms": result.anchor_ms,
         "warning": result.warning,
     }  # fmt: skip
     if multi_objective:
@@ -170,11 +171,17 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
                f"{c['pruned']} pruned early, {c['infeasible']} infeasible (not evaluated); "
                f"{result.seconds:.1f} s")  # fmt: skip
     if result.candidates:
-        click.echo("  measured on the device:   trial  method  keep                    top-1   predicted  measured")
+        click.echo("  measured on the device:   trial  method  keep                    top-1   predicted  measured"
+                   "  (raw, unpruned alongside)")  # fmt: skip
         for r in result.candidates:
             flag = "  over target, dropped" if r["over_target"] else ""
             click.echo(f"  {'':24}{r['trial']:5d}  {r['method']:6}  {r['keep']!s:22} {r['accuracy']:6.2f}%  "
-                       f"{r['predicted_ms']:8.3f}  {r['measured_ms']:8.3f}{flag}")  # fmt: skip
+                       f"{r['predicted_ms']:8.3f}  {r['measured_ms']:8.3f}  ({r['raw_ms']:.3f}, "
+                       f"{r['reference_ms']:.3f}){flag}")  # fmt: skip
+        click.echo(
+            "  measured = raw / the unpruned model measured alongside × its median this session "
+            f"({result.anchor_ms:.3f} ms): sessions of the device differ, ratios within one hold"
+        )
     if abs(result.stale - 1.0) >= 0.03 or abs(result.drift - 1.0) >= 0.03:
         off = result.stale
         way = "fast" if off > 1 else "slow"
