@@ -140,16 +140,19 @@ def run_demo(device: DeviceConfig, s: DemoSettings) -> dict:
     pruned = build_model(MODEL, tuned.model_file, final.plan).eval()
     onnx_file = export_onnx(pruned, out / "model.onnx")
     agreement = verify_export(pruned, onnx_file, "demo")
-    timings, _ = measure_models(device, {"onnx": onnx_file}, MeasureSettings(rounds=8, runs=10))
-    exported_ms = timings["onnx"].median_ms
+    # the dense model beside the file, in one interleaved session: the two rows of the summary are
+    # then comparable (sessions minutes apart differ by up to 5% here, and a model alone runs 2-9%
+    # faster than interleaved with another)
+    timings, _ = measure_models(device, {"onnx": onnx_file, "dense": dense}, MeasureSettings(rounds=8, runs=10))
+    exported_ms, dense_beside_ms = timings["onnx"].median_ms, timings["dense"].median_ms
     step("export + measure", t0)
 
     test = build_dataset("demo", "test")
     cpu = torch.device("cpu")
     summary = {
         "device": device.name, "runtime": version, "threads": device.threads,
-        "dense": {"test_top1": evaluate(dense, test, cpu)[0], "measured_ms": dense_ms,
-                  "gmacs": count_flops(dense).gmacs},
+        "dense": {"test_top1": evaluate(dense, test, cpu)[0], "measured_ms": dense_beside_ms,
+                  "measured_alone_ms": dense_ms, "gmacs": count_flops(dense).gmacs},
         "pruned": {"plan": final.plan.to_dict(), "test_top1": evaluate(pruned, test, cpu)[0],
                    "predicted_ms": final.predicted_ms, "measured_ms": final.measured_ms,
                    "exported_onnx_ms": exported_ms, "gmacs": count_flops(pruned).gmacs,
