@@ -342,8 +342,10 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
                   if r[0].user_attrs["plan_key"] not in measured]  # fmt: skip
         if looked_closer:  # the best of the plans that could rank above the one in hand
             batch = could_displace(ranked, chosen, images)[:LATER_ROUND]
-        else:  # a first round, or one after misses: the safe plan leads a later round
-            batch = candidate_batch(ranked, settings.verify_top if not measured else LATER_ROUND, settings.target_ms)
+        elif measured:  # a round after misses: the safe plan
+            batch = safe_candidates(ranked, LATER_ROUND, settings.target_ms)
+        else:
+            batch = candidate_batch(ranked, settings.verify_top, settings.target_ms)
         if not batch:
             break
         models = {f"c{t.number}": build_model(model_name, settings.checkpoint, plan).eval() for t, plan, _ in batch}
@@ -408,7 +410,7 @@ def could_displace(ranked: list, chosen: dict, images: int | None) -> list:
 
 def candidate_batch(ranked: list, size: int, target_ms: float) -> list:
     """The candidates to measure in one round: the best ``size − 1`` by calibration accuracy, and
-    the best of those predicted at least ``SAFETY`` under the target (with ``size`` 1: that one).
+    the best of those predicted at least ``SAFETY`` under the target.
 
     Why the safe one: the most accurate plans predicted under the target are mostly the ones the
     table under-predicts (more tokens kept than their prediction says: a winner's curse). With a
@@ -416,14 +418,21 @@ def candidate_batch(ranked: list, size: int, target_ms: float) -> list:
     on DeiT-T with the drift check: 9 and 13 measurements where 3 sufficed. The safe candidate
     passes in most rounds, and it still lies within 5% of the target.
     """
-    if size <= 1:  # the safe one alone (the best when none is predicted that far under)
-        safe = next((r for r in ranked if r[2] <= (1 - SAFETY) * target_ms), None)
-        return [safe] if size == 1 and safe is not None else ranked[:size]
+    if size <= 1:
+        return ranked[:size]
     batch = ranked[: size - 1]
     safe = next((r for r in ranked[size - 1 :] if r[2] <= (1 - SAFETY) * target_ms), None)
     if safe is None or any(r[2] <= (1 - SAFETY) * target_ms for r in batch):
         return ranked[:size]  # already in the batch, or none in the ranking: the next best instead
     return [*batch, safe]
+
+
+def safe_candidates(ranked: list, size: int, target_ms: float) -> list:
+    """A round after misses: the best ``size`` plans predicted at least ``SAFETY`` under the target
+    (the best plans when none is). The misses have just set the drift, and the plan right at the
+    budget misses about every other time."""
+    safe = [r for r in ranked if r[2] <= (1 - SAFETY) * target_ms]
+    return (safe or ranked)[:size]
 
 
 @dataclass

@@ -322,7 +322,7 @@ def test_a_flat_objective_is_reported_with_what_to_pass():
 
 
 def test_plans_tied_within_the_calibration_noise_are_ranked_slowest_first():
-    from spvit_search.optimize import candidate_batch
+    from spvit_search.optimize import candidate_batch, safe_candidates
     from spvit_search.search import rank_within_noise, tie_band
 
     assert tie_band(50.0, 100) == pytest.approx(5.0)  # one standard error of a 50% estimate on 100 images
@@ -337,10 +337,11 @@ def test_plans_tied_within_the_calibration_noise_are_ranked_slowest_first():
     assert [r[0] for r in candidate_batch(rows, 2, 15.0)] == ["b", "d"]
     assert [r[0] for r in candidate_batch(rows, 3, 15.0)] == ["b", "c", "d"]
     assert [r[0] for r in candidate_batch(rows, 2, 16.0)] == ["b", "c"]  # b is safe already: the next best
-    # a round after misses: the safe one alone, else the best
-    assert [r[0] for r in candidate_batch(rows, 1, 15.0)] == ["d"]
-    assert [r[0] for r in candidate_batch(rows, 1, 16.0)] == ["b"]
-    assert [r[0] for r in candidate_batch(rows[:2], 1, 15.0)] == ["b"]
+    assert [r[0] for r in candidate_batch(rows, 1, 15.0)] == ["b"]  # --verify-top 1: the best
+    # a round after misses: the safe one, else the best
+    assert [r[0] for r in safe_candidates(rows, 1, 15.0)] == ["d"]
+    assert [r[0] for r in safe_candidates(rows, 1, 16.0)] == ["b"]
+    assert [r[0] for r in safe_candidates(rows[:2], 1, 15.0)] == ["b"]
 
 
 def test_the_unpruned_models_session_latency_is_a_median_weighted_by_rounds():

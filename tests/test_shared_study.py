@@ -88,7 +88,11 @@ def test_the_readme_recipe_survives_a_worker_killed_mid_trial(tmp_path, demo, se
     storage = server.create_database("recipe")
     lead_cmd, worker_cmd = recipe()
     study_name = lead_cmd[lead_cmd.index("--study") + 1]
-    target = demo["dense_ms"] * 0.75
+    # 0.85, not 0.75: this is about the recipe and a killed worker, not the budget's tightness. At
+    # 0.75 the demo model's fastest plans sit right at the target once candidates are judged beside
+    # the unpruned model (2-9% slower than a model run alone); seen on CI: the one candidate 5% over,
+    # nothing else left under the corrected predictions
+    target = demo["dense_ms"] * 0.85
     search = ["--device", "local", "--model", DEMO_MODEL, "--checkpoint", str(demo["checkpoint"]),
               "--tables", str(demo["tables"]), "--calib-images", "200", "--target-ms", f"{target:.3f}",
               "--trials", "60", "--verify-top", "1", "--heartbeat", str(HEARTBEAT_S),
