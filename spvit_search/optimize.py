@@ -8,7 +8,7 @@
 4. The study (``search.py``) runs, resumably, in this process, optional worker processes and
    workers on other machines (``sharing.py``).
 5. The best feasible candidates are measured end to end on the device, interleaved with the
-   unpruned model; each is judged by its ratio to it, at the session's median unpruned latency
+   unpruned model; each is judged by its ratio to it, at the session's unpruned latency
    (a round caught in a slow spell of the device then fails nothing). Each measurement is
    recorded in the table, and the judged ones update the drift factor. A candidate measured
    over the target is dropped, and the ranking is redone until one passes. When none is left,
@@ -389,7 +389,7 @@ UNDERUSE = 0.05
 
 
 #: candidates in each round after the first, besides the unpruned model. After a round of misses
-#: it is the safe plan (``candidate_batch``): the misses have set the drift, and the plan predicted
+#: it is the safe plan (``safe_candidates``): the misses have set the drift, and the plan predicted
 #: 3% under the target passes in most rounds. In a closer look it is the best plan that could
 #: displace the one in hand. Seen at 2 a round with the unpruned model alongside: a round of misses
 #: on a stale table cost 3 measurements more than a fresh table's run.
@@ -448,8 +448,8 @@ class SessionMeasurements:
     def anchor_ms(self) -> float:
         """The unpruned model's typical latency this session: the median of its measurements, each
         weighted by its measurement rounds (the drift check's 24 against a round's 8). One session
-        caught in a slow (or fast) spell of the device then does not set every judgement, and a
-        round of candidates does not outvote the longer check until a second round agrees with it."""
+        caught in a slow (or fast) spell of the device then does not set every judgement: rounds
+        that disagree with the longer check outweigh it only from the fourth on (three tie)."""
         pairs = sorted(zip((ms for _, ms in self.references), self.reference_rounds, strict=True))
         half, seen = sum(w for _, w in pairs) / 2, 0
         for i, (ms, weight) in enumerate(pairs):

@@ -345,7 +345,7 @@ def test_plans_tied_within_the_calibration_noise_are_ranked_slowest_first():
 
 
 def test_the_unpruned_models_session_latency_is_a_median_weighted_by_rounds():
-    """A round caught in a slow spell does not move it; two rounds that agree outvote the check."""
+    """A round caught in a slow spell does not move it; three rounds that agree tie with the check."""
     from spvit_search.optimize import SessionMeasurements
 
     dense = sp.PruningPlan(locations=(5,), keep=(1.0,))

@@ -179,7 +179,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
                        f"{r['predicted_ms']:8.3f}  {r['measured_ms']:8.3f}  ({r['raw_ms']:.3f}, "
                        f"{r['reference_ms']:.3f}){flag}")  # fmt: skip
         click.echo(
-            "  measured = raw / the unpruned model measured alongside × its median this session "
+            "  measured = raw / the unpruned model measured alongside × its latency this session "
             f"({result.anchor_ms:.3f} ms): sessions of the device differ, ratios within one hold"
         )
     if abs(result.stale - 1.0) >= 0.03 or abs(result.drift - 1.0) >= 0.03:
