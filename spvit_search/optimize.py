@@ -354,8 +354,7 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
         reference = timings["unpruned"].median_ms
         raw = [(plan, timings[f"c{t.number}"].median_ms) for t, plan, _ in batch]
         latency.add_calibration_points([*raw, (unpruned, reference)], refit=False)
-        evidence.references.append((unpruned, reference))
-        evidence.reference_rounds.append(ROUND_ROUNDS)
+        evidence.add_reference(unpruned, reference, ROUND_ROUNDS)
         evidence.candidates += [(plan, ms / reference) for plan, ms in raw]
         anchor = evidence.anchor_ms()
         budget = settings.target_ms if settings.target_share is None else settings.target_share * anchor
@@ -442,23 +441,22 @@ class SessionMeasurements:
     reference measured alongside it."""
 
     references: list[tuple[PruningPlan, float]] = field(default_factory=list)
-    reference_rounds: list[int] = field(default_factory=list)  # measurement rounds behind each reference
     candidates: list[tuple[PruningPlan, float]] = field(default_factory=list)  # (plan, ms / reference ms)
+    #: each reference's latency once per measurement round behind it: the weights of the median
+    weighted_ms: list[float] = field(default_factory=list)
+
+    def add_reference(self, plan: PruningPlan, ms: float, rounds: int) -> None:
+        self.references.append((plan, ms))
+        self.weighted_ms += [ms] * rounds
 
     def anchor_ms(self) -> float:
         """The unpruned model's typical latency this session: the median of its measurements, each
         weighted by its measurement rounds (the drift check's 24 against a round's 8). One session
         caught in a slow (or fast) spell of the device then does not set every judgement: rounds
         that disagree with the longer check outweigh it only from the fourth on (three tie)."""
-        pairs = sorted(zip((ms for _, ms in self.references), self.reference_rounds, strict=True))
-        half, seen = sum(w for _, w in pairs) / 2, 0
-        for i, (ms, weight) in enumerate(pairs):
-            seen += weight
-            if seen > half:
-                return float(ms)
-            if seen == half:  # an even split: the mean of the two middle values
-                return float((ms + pairs[i + 1][0]) / 2)
-        raise ValueError("no reference measurement of the unpruned model this session")
+        if not self.weighted_ms:
+            raise ValueError("no reference measurement of the unpruned model this session")
+        return float(statistics.median(self.weighted_ms))
 
     def drift_points(self) -> list[tuple[PruningPlan, float]]:
         """What the drift factor is taken from: the candidates at the session's typical speed once
@@ -506,8 +504,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
         candidates, chosen = [], None
         evidence = SessionMeasurements()
         if dense_check is not None:
-            evidence.references.append((_unpruned_plan(latency, model_name), dense_check["measured_ms"]))
-            evidence.reference_rounds.append(DRIFT_CHECK_ROUNDS)
+            evidence.add_reference(_unpruned_plan(latency, model_name), dense_check["measured_ms"], DRIFT_CHECK_ROUNDS)
         for search in range(1 + RESEARCHES):
             if search:  # the misses corrected the predictions: search again where they now put the budget
                 objective = make_objective(space, latency, evaluator, settings.target_ms, model_name,

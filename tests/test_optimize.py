@@ -349,16 +349,14 @@ def test_the_unpruned_models_session_latency_is_a_median_weighted_by_rounds():
     from spvit_search.optimize import SessionMeasurements
 
     dense = sp.PruningPlan(locations=(5,), keep=(1.0,))
-    session = SessionMeasurements(references=[(dense, 1.0)], reference_rounds=[24])
+    session = SessionMeasurements()
+    session.add_reference(dense, 1.0, 24)
     assert session.anchor_ms() == 1.0
-    session.references.append((dense, 1.3))  # the first round, in a slow spell
-    session.reference_rounds.append(8)
+    session.add_reference(dense, 1.3, 8)  # the first round, in a slow spell
     assert session.anchor_ms() == 1.0
-    session.references.append((dense, 1.2))
-    session.reference_rounds.append(8)
+    session.add_reference(dense, 1.2, 8)
     assert session.anchor_ms() == 1.0  # 24 of 40 rounds at 1.0: still the check
-    session.references.append((dense, 1.25))
-    session.reference_rounds.append(8)
+    session.add_reference(dense, 1.25, 8)
     assert session.anchor_ms() == pytest.approx(1.1)  # 24 against 24: between the two middle ones
     session.candidates = [(dense.replace(keep=(0.5,)), 0.8)]
     assert session.drift_points()[0][1] == pytest.approx(0.88)  # the candidate at the session's speed
