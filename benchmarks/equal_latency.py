@@ -123,7 +123,7 @@ class Harness:
         self.teacher = SHIPPED_TEACHERS[DATA] if shipped else self.out / "teacher" / "model.pt"
         teacher = ({"teacher_sha256": shipped_sha256(DATA_SETTINGS[DATA])} if shipped else
                    {"teacher_epochs": args.teacher_epochs, "teacher_subset": args.teacher_subset})  # fmt: skip
-        self.stages = FAMILY_STAGES[self.family.name]
+        self.stages = args.stages or FAMILY_STAGES[self.family.name]
         extra = {} if shipped else {"model": args.model, "stages": self.stages}
         self.setting = {**extra, "epochs": args.epochs,
                         "finetune_subset": args.finetune_subset, "trials": args.trials, "search_locations": True,
@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--stages", type=int, default=None, help="selector locations per plan (default: the family's)")
     ap.add_argument("--finetune-subset", type=int, default=3000)
     ap.add_argument("--trials", type=int, default=150)
     ap.add_argument("--rounds", type=int, default=8, help="measurement rounds (all files interleaved in each)")

@@ -21,14 +21,14 @@ MODELS = {
         "swin_tiny_patch4_window7_224",
         {"img_size": 384, "window_size": 12, "embed_dim": 32, "num_heads": (1, 2, 4, 8), "depths": (2, 2, 2, 2)},
     ),
-    # 16², 8² = 16, 4 windows of 4×4; blocks 0-1 | 2-5
+    # 16², 8² = 16, 4 windows of 4×4; blocks 0-3 | 4-5
     "swin_demo": ("swin_demo_digits", {}),
     # windows of 5 on grids 16² and 8²: padded to 20² (16 windows) and 10² (4 windows)
     "swin_padded": ("swin_demo_digits", {"window_size": 5}),
 }
 SWIN_T_PLAN = {"locations": (0, 3, 4, 7), "keep": (0.6, 0.5, 0.75, 0.5)}
 W12_PLAN = {"locations": (1, 2, 4), "keep": (0.5, 0.5, 0.5)}
-DEMO_PLAN = {"locations": (1, 2), "keep": (0.5, 0.5)}
+DEMO_PLAN = {"locations": (1, 4), "keep": (0.5, 0.5)}
 PLANS = {"swin_t": SWIN_T_PLAN, "swin_w12_384": W12_PLAN, "swin_demo": DEMO_PLAN, "swin_padded": DEMO_PLAN}
 
 
@@ -118,7 +118,7 @@ def test_pruned_windows_are_carried_unchanged():
     At stage 1's first block (not shifted; the patch merging's projection gives tokens of
     varied norms — the stem's LayerNorm would make every norm the same)."""
     model = _make("swin_demo")
-    sp.prune(model, sp.PruningPlan(locations=(2,), keep=(0.5,), method="norm"))  # 2 of 4 windows of 4×4
+    sp.prune(model, sp.PruningPlan(locations=(4,), keep=(0.5,), method="norm"))  # 2 of 4 windows of 4×4
     block = model.layers[1].blocks[0]
     seen = {}
     block.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
@@ -153,7 +153,7 @@ def _block_macs(n: int, c: int, area: int, mlp_ratio: float) -> int:
 
 def test_flops_equal_an_analytic_count():
     model = _make("swin_demo")  # 3×32×32, 2×2 patches, windows 4×4, widths 48/96, MLP ratio 3
-    dims, grids, depth, area = (48, 96), (16, 8), (2, 4), 16
+    dims, grids, depth, area = (48, 96), (16, 8), (4, 2), 16
     stem = 48 * 3 * 2 * 2 * 16 * 16
     merges = grids[1] ** 2 * 4 * dims[0] * dims[1]
     head = 96 * 10
@@ -161,19 +161,19 @@ def test_flops_equal_an_analytic_count():
     dense = sum(_block_macs(grids[s] ** 2, dims[s], area, 3.0) for s in stage_of)
     assert sp.count_flops(model).macs == stem + merges + head + dense
 
-    plan = sp.PruningPlan(locations=(0, 1, 3, 5), keep=(0.5, 0.25, 0.5, 0.25), method="norm")  # no matmul in norm
+    plan = sp.PruningPlan(locations=(0, 1, 4, 5), keep=(0.5, 0.25, 0.5, 0.25), method="norm")  # no matmul in norm
     sp.prune(model, plan)
     tokens = plan.tokens_per_block(model)
-    assert tokens == (8 * 16, 4 * 16, 64, 2 * 16, 2 * 16, 16)
+    assert tokens == (8 * 16, 4 * 16, 4 * 16, 4 * 16, 2 * 16, 16)
     blocks = sum(_block_macs(n, dims[s], area, 3.0) for n, s in zip(tokens, stage_of, strict=True))
     assert sp.count_flops(model).macs == stem + merges + head + blocks
 
 
-@pytest.mark.parametrize("first_block", [0, 2, 3])
+@pytest.mark.parametrize("first_block", [0, 3, 4])
 def test_search_cache_and_rest_give_the_full_forward(first_block):
     model = _make("swin_demo")
-    plan = sp.PruningPlan(locations=(3,), keep=(0.5,), method="norm") if first_block == 3 else \
-        sp.PruningPlan(locations=(2, 3), keep=(0.75, 0.5), method="norm")  # fmt: skip
+    plan = sp.PruningPlan(locations=(4,), keep=(0.5,), method="norm") if first_block == 4 else \
+        sp.PruningPlan(locations=(3, 4), keep=(0.75, 0.5), method="norm")  # fmt: skip
     images = _image(model, 6)
     sp.prune(model, plan)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_fine_tuned_checkpoint_loads_back(tmp_path):
     x = _image(model, 2)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    with pytest.raises(sp.models.ModelError, match=r"selectors before blocks \[1, 2\]"):
+    with pytest.raises(sp.models.ModelError, match=r"selectors before blocks \[1, 4\]"):
         sp.models.build_model(
             "swin_demo_digits", tmp_path / "m.pt", plan=sp.PruningPlan(locations=(1, 3), keep=(0.5, 0.5))
         )
