@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
@@ -265,9 +266,16 @@ class Harness:
         return self.out / "plans" / ratio / f"{method}.yaml"
 
     def plan_of(self, ratio: str, method: str) -> sp.PruningPlan:
-        """The plan as models are built with it: stages that keep what the one before kept do
-        nothing, and ``finetune`` trains no selector there (its checkpoint has none)."""
-        return sp.PruningPlan.from_dict(self.results.data["plans"][f"{ratio}/{method}"]["plan"]).without_idle_stages()
+        """The plan as models are built with it: stages that keep what the one before kept *on
+        the same grid* do nothing, and ``finetune`` trains no selector there (its checkpoint has
+        none). The model is given: read as one grid, a PiT plan lost its later grids' stages."""
+        plan = sp.PruningPlan.from_dict(self.results.data["plans"][f"{ratio}/{method}"]["plan"])
+        return plan.without_idle_stages(self.layout_model)
+
+    @functools.cached_property
+    def layout_model(self) -> torch.nn.Module:
+        """An untrained copy of the model: its token grids, for plan arithmetic."""
+        return build_model(self.model)
 
     # -- 3. training --------------------------------------------------------------------------
     def key(self, ratio: str, seed: int | None, contender: str) -> str:

@@ -115,7 +115,7 @@ def run_demo(device: DeviceConfig, s: DemoSettings) -> dict:
 
     t0 = time.perf_counter()
     start_plan = PruningPlan(locations=evit.plan.locations, keep=evit.plan.keep, method="spvit", model=MODEL)
-    start_plan = start_plan.without_idle_stages()
+    start_plan = start_plan.without_idle_stages(build_model(MODEL))  # the model: its grids
     start_plan.save(out / "plan-finetune.yaml")
     _say(f"5/7 fine-tune SPViT at keep={list(start_plan.keep)} before blocks {list(start_plan.locations)}", s.progress)
     torch.manual_seed(0)

@@ -92,3 +92,23 @@ def test_harness_trains_a_swin_teacher_and_runs_the_families_contenders(tmp_path
     assert again.returncode == 0 and "$ spvit-search" not in again.stderr  # teacher and cells reused
     refused = _run("--model", "swin_demo_fashion", "--contenders", "evit", "--summary-only")
     assert refused.returncode == 2 and "not offered on swin_demo_fashion (swin)" in refused.stderr
+
+
+def test_a_plan_keeps_the_stages_of_every_grid(tmp_path, monkeypatch):
+    """Stages whose keep rises over the one before are idle only on the same grid: a PiT plan that
+    prunes harder in its first grid than in its second keeps both (read as one grid, the harness
+    once fine-tuned the second grid's stage away)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from equal_latency import Harness
+
+    args = argparse.Namespace(out=tmp_path / "out", devices=None, device="local", results=tmp_path / "r.json",
+                              model="pit_demo_fashion", teacher_epochs=1, teacher_subset=256, stages=None, epochs=1,
+                              finetune_subset=128, trials=4)  # fmt: skip
+    harness = Harness(args)
+    plan = {"model": "pit_demo_fashion", "locations": [1, 2, 5], "keep": [0.35, 0.1225, 0.3], "method": "evit"}
+    harness.results.data["plans"] = {"0.8/evit": {"plan": plan}}
+    assert harness.plan_of("0.8", "evit").locations == (1, 2, 5)  # 5 is on the 8² grid: 0.3 of it
+    plan.update(locations=[1, 2, 4], keep=[0.35, 0.35, 0.3])  # block 2 keeps what block 1 kept: idle
+    assert harness.plan_of("0.8", "evit").locations == (1, 4)

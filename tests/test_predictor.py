@@ -271,15 +271,15 @@ def test_pit_parts_tokens_and_prediction_follow_its_grids(tmp_path):
     pred = latency.predict(plan)
     tokens = plan.tokens_per_block(sp.unprune(model))
     # class token + patches (+ this grid's package) | the packages of earlier grids ride in the prefix
-    assert tokens == (226, 1 + 135 + 1, 1 + 1 + 64, 2 + 32 + 1, 2 + 32 + 1, 1 + 2 + 16, 3 + 12 + 1)
+    assert tokens == (226, 1 + 135 + 1, 1 + 135 + 1, 2 + 32 + 1, 2 + 32 + 1, 2 + 32 + 1, 3 + 12 + 1)
     assert pred.selectors_ms == pytest.approx([curve(226), curve(66), curve(19)])
     assert pred.downsample_ms == pytest.approx(2 * curve(1))
     expected = curve(226) + 2 * curve(1) + sum(curve(n) for n in tokens) + sum(pred.selectors_ms) + curve(1)
     assert pred.total_ms == pytest.approx(expected)
     many = latency.predict_many(np.array([plan.keep, (1.0, 1.0, 1.0)]), plan.locations, "spvit", calibrated=False)
     assert many[0] == pytest.approx(pred.parts_ms)
-    assert many[1] == pytest.approx(curve(226) + 2 * curve(1) + curve(1) + sum(curve(n) for n in (226,) * 2 + (65,) * 3
-                                                                                   + (17,) * 2))  # fmt: skip
+    assert many[1] == pytest.approx(curve(226) + 2 * curve(1) + curve(1) + sum(curve(n) for n in (226,) * 3 + (65,) * 3
+                                                                                   + (17,)))  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["vit_demo_digits", "pit_demo_digits", "swin_demo_digits"])

@@ -76,8 +76,8 @@ def test_profile_pit_measures_its_grids_then_predicts_and_measures(tmp_path):
     predicted = runner.invoke(main, ["predict", "--model", name, *plan, "--json"])
     assert predicted.exit_code == 0, predicted.output
     data = json.loads(predicted.output)
-    assert data["tokens_per_block"] == [226, 137, 66, 35, 35, 19, 16]
+    assert data["tokens_per_block"] == [226, 137, 137, 35, 35, 35, 16]
     assert data["breakdown_ms"]["downsample"] > 0 and len(data["breakdown_ms"]["selectors"]) == 3
-    rising = runner.invoke(main, ["predict", "--model", name, "--keep", "0.5,0.7", "--locations", "2,3",
+    rising = runner.invoke(main, ["predict", "--model", name, "--keep", "0.5,0.7", "--locations", "3,4",
                                   "--tables", str(tmp_path)])  # fmt: skip
-    assert rising.exit_code == 2 and "must not increase within stage 1 (blocks 2..4)" in rising.output
+    assert rising.exit_code == 2 and "must not increase within stage 1 (blocks 3..5)" in rising.output

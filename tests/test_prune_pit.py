@@ -17,11 +17,12 @@ MODELS = {
     "pit_s": ("pit_s_224", {}),  # grids 27² → 14² → 7², blocks 0-1 | 2-7 | 8-11
     "pit_s_distilled": ("pit_s_distilled_224", {}),  # two class tokens
     "pit_ti": ("pit_ti_224", {}),
-    "pit_demo": ("pit_demo_digits", {}),  # 15² → 8² → 4², blocks 0-1 | 2-4 | 5-6
+    "pit_demo": ("pit_demo_digits", {}),  # 15² → 8² → 4², blocks 0-2 | 3-5 | 6
 }
-#: one location per stage; the ratio rises from stage 1 to 2 (each is a fraction of its own grid)
+#: PiT-S: one location per stage, the ratio rising from stage 1 to 2 (each is a fraction of its own
+#: grid); the demo: two locations in stage 0, then stage 1 (evit cannot prune stage 2: one block)
 PIT_S_PLAN = {"locations": (1, 4, 9), "keep": (0.7, 0.5, 0.6)}
-DEMO_PLAN = {"locations": (1, 3, 6), "keep": (0.6, 0.5, 0.75)}
+DEMO_PLAN = {"locations": (1, 2, 4), "keep": (0.6, 0.5, 0.75)}
 
 
 def _make(key: str) -> nn.Module:
@@ -106,7 +107,7 @@ def test_training_masks_mean_what_inference_gathers(key, method):
 def test_pruned_tokens_reenter_the_grid_unchanged():
     model = _make("pit_demo")
     dense = copy.deepcopy(model)
-    # prune before block 1, the last of stage 0: a parked token skips block 1
+    # prune before block 1 of stage 0 (blocks 0-2): a parked token skips blocks 1 and 2
     sp.prune(model, sp.PruningPlan(locations=(1,), keep=(0.4,), method="hard"))
     seen = {}
 
@@ -126,7 +127,7 @@ def test_pruned_tokens_reenter_the_grid_unchanged():
         parked = positions[b]
         assert torch.equal(grid[b, parked], after_block0[b, parked])
         kept = torch.tensor(sorted(set(range(225)) - set(parked.tolist())))
-        assert (grid[b, kept] - after_block0[b, kept]).abs().amax(dim=1).min() > 1e-3  # went through block 1
+        assert (grid[b, kept] - after_block0[b, kept]).abs().amax(dim=1).min() > 1e-3  # went through blocks 1-2
 
 
 def test_plan_rules_per_grid():
@@ -151,7 +152,7 @@ def _block_macs(n: int, c: int, mlp_ratio: float) -> int:
 
 def test_flops_equal_an_analytic_count():
     model = _make("pit_demo")  # 3×32×32, 4×4 patches at stride 2, widths 48/96/192, MLP ratio 3
-    dims, grids, depth = (48, 96, 192), (15, 8, 4), (2, 3, 2)
+    dims, grids, depth = (48, 96, 192), (15, 8, 4), (3, 3, 1)
     stem = 48 * 3 * 4 * 4 * 15 * 15
     pools = sum(dims[i + 1] * 3 * 3 * grids[i + 1] ** 2 + dims[i] * dims[i + 1] for i in range(2))  # conv + fc
     head = 192 * 10
@@ -159,7 +160,7 @@ def test_flops_equal_an_analytic_count():
     dense = sum(_block_macs(1 + grids[s] ** 2, dims[s], 3.0) for s in stage_of)
     assert sp.count_flops(model).macs == stem + pools + head + dense
 
-    plan = sp.PruningPlan(**DEMO_PLAN, method="evit")
+    plan = sp.PruningPlan(locations=(2, 4), keep=(0.5, 0.75), method="evit")  # one location per grid it prunes
     sp.prune(model, plan)
     tokens = plan.tokens_per_block(model)
     blocks = sum(_block_macs(n, dims[s], 3.0) for n, s in zip(tokens, stage_of, strict=True))
@@ -184,7 +185,7 @@ def test_search_cache_and_rest_give_the_full_forward(key):
     """The evaluator's cached prefix (family.embed) and the rest (family.forward_from) are the model,
     whether the cache ends at a stage's first block or inside a stage."""
     model = _make(key)
-    locations, keep = ((3, 6), (0.5, 0.75)) if key == "pit_demo" else ((4, 9), (0.5, 0.6))
+    locations, keep = ((4, 5), (0.5, 0.25)) if key == "pit_demo" else ((4, 9), (0.5, 0.6))
     plan = sp.PruningPlan(locations=locations, keep=keep, method="evit")
     images = _image(model, 6)
     sp.prune(model, plan)
