@@ -23,19 +23,11 @@ from pathlib import Path
 
 import torch
 from accuracy import claim_run_dir, log, run_cli
-from equal_latency import DATA, Results
+from equal_latency import DATA, Results, dense_plan
 
-import spvit_search as sp
 from spvit_search.data import build_dataset
 from spvit_search.models import build_model
 from spvit_search.train import evaluate
-
-
-def control_plan(model_name: str) -> sp.PruningPlan:
-    model = build_model(model_name)
-    family = sp.pruning.family_for(model)
-    return sp.PruningPlan(locations=family.default_locations(model, 1), keep=(1.0,), model=model_name,
-                          method=family.training_free)  # fmt: skip
 
 
 def main() -> None:
@@ -53,12 +45,13 @@ def main() -> None:
     teacher = args.out / "teacher" / "model.pt"
     if not model_name or not teacher.exists():
         raise SystemExit(f"{args.results} names no model, or {teacher} does not exist: pass the harness's --out")
-    plan = control_plan(model_name)
+    shape = build_model(model_name)  # untrained: the plan's locations and the test split's transforms
+    plan = dense_plan(shape, model_name)
     plan_file = plan.save(args.out / "plans" / "dense-control.yaml")
     control = results.data.setdefault("dense_control", {"plan": plan.to_dict(), "cells": {}})
     budget = {"epochs": setting["epochs"], "finetune_subset": setting["finetune_subset"]}
     control.update(budget=budget, teacher_top1=results.data.get("dense_top1"))
-    test = build_dataset(DATA, "test", build_model(model_name))
+    test = build_dataset(DATA, "test", shape)
     lock = threading.Lock()  # two trainings record into one results file
 
     def train(seed: int) -> None:

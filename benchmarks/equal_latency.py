@@ -96,6 +96,14 @@ SELECTOR_WARMUP = 0
 SELECTOR_HINT = 10.0
 
 
+def dense_plan(model: torch.nn.Module, model_name: str | None = None) -> sp.PruningPlan:
+    """Keep 1 at the family's default location with its training-free method: nothing acts, so the
+    pruned model equals the dense one (on Swin with the exact-zero shift masks of pruned plans)."""
+    family = sp.pruning.family_for(model)
+    return sp.PruningPlan(locations=family.default_locations(model, 1), keep=(1.0,), model=model_name,
+                          method=family.training_free)  # fmt: skip
+
+
 class Results:
     """The results file: written after every cell (atomically), read back on a rerun."""
 
@@ -161,9 +169,7 @@ class Harness:
         """The teacher as every pruned model runs it: patched with nothing acting (identical on ViT
         and PiT; on Swin, the exact-zero shift masks of its pruned plans: README, Swin)."""
         model = build_model(self.model, self.teacher).eval()
-        family = sp.pruning.family_for(model)
-        return sp.prune(model, sp.PruningPlan(locations=family.default_locations(model, 1), keep=(1.0,),
-                                              method=family.training_free))  # fmt: skip
+        return sp.prune(model, dense_plan(model))
 
     def prepare(self) -> None:
         from profilers import MeasureSettings

@@ -420,8 +420,8 @@ def candidate_batch(ranked: list, size: int, target_ms: float) -> list:
     if size <= 1:
         return ranked[:size]
     batch = ranked[: size - 1]
-    safe = next((r for r in ranked[size - 1 :] if r[2] <= (1 - SAFETY) * target_ms), None)
-    if safe is None or any(r[2] <= (1 - SAFETY) * target_ms for r in batch):
+    safe = next((r for r in ranked[size - 1 :] if _is_safe(r, target_ms)), None)
+    if safe is None or any(_is_safe(r, target_ms) for r in batch):
         return ranked[:size]  # already in the batch, or none in the ranking: the next best instead
     return [*batch, safe]
 
@@ -430,8 +430,13 @@ def safe_candidates(ranked: list, size: int, target_ms: float) -> list:
     """A round after misses: the best ``size`` plans predicted at least ``SAFETY`` under the target
     (the best plans when none is). The misses have just set the drift, and the plan right at the
     budget misses about every other time."""
-    safe = [r for r in ranked if r[2] <= (1 - SAFETY) * target_ms]
+    safe = [r for r in ranked if _is_safe(r, target_ms)]
     return (safe or ranked)[:size]
+
+
+def _is_safe(ranked_row: tuple, target_ms: float) -> bool:
+    """Predicted at least ``SAFETY`` under the target (a ranked row: trial, plan, predicted ms)."""
+    return ranked_row[2] <= (1 - SAFETY) * target_ms
 
 
 @dataclass
