@@ -77,8 +77,9 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
     assert 0.90 * target <= plan.measured_ms <= target, (target, rows)
     # the staleness as the drift check measured it (×1.33 or ×0.8 the table as measured), each of
     # the two checks one session of this 0.9 ms model: sessions minutes apart differ by up to ±5%
-    # here (seen: 0.915 once in ten runs), hence ±12%; the benchmark's medians: ×1.33 and ×0.80
-    assert summary["table_off_by"] / baseline["table_off_by"] * factor == pytest.approx(1, abs=0.12)
+    # here, with spells of +9-18% (seen in a fresh-clone CI run: 0.86), hence ±20%; a check that
+    # saw nothing would give 1.25 or 0.75. The benchmark's medians: ×1.33 and ×0.80
+    assert summary["table_off_by"] / baseline["table_off_by"] * factor == pytest.approx(1, abs=0.2)
     # the goal is two more: benchmarks/drift.py met it in every stale run of this model (one round
     # each, like the fresh table's); a round of misses on either side costs 2-4, hence +4
     assert summary["measurements"] <= baseline["measurements"] + 4, (rows, baseline["candidates"])
