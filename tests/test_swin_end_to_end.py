@@ -96,11 +96,13 @@ def test_optimize_places_spvit_with_norm_then_finetune_and_search_its_selectors(
     assert float(row["ratio"]) > 0 and float(row["distill"]) > 0 and float(row["tokens"]) > 0
     assert row["latency"] != ""
 
-    # the trained selectors score a new search at the locations they were trained at
+    # the trained selectors score a new search at the locations they were trained at (finetune
+    # drops a stage that keeps as much as reaches it: the search may leave one idle, seen in CI)
+    trained_at = plan.without_idle_stages(create_model(MODEL)).locations
     searched = tmp_path / "again.yaml"
     again = json.loads(_ok(["optimize", *common, "--method", "spvit", "--checkpoint", str(ft / "model.pt"),
                             "--out", str(searched)]))  # fmt: skip
-    assert again["scored_by"] == "spvit" and sp.PruningPlan.load(searched).locations == plan.locations
+    assert again["scored_by"] == "spvit" and sp.PruningPlan.load(searched).locations == trained_at
 
     onnx = tmp_path / "m.onnx"
     # 1%: a model trained for 3 epochs (near chance) has windows whose mean keep probabilities tie to
