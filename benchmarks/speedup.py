@@ -55,7 +55,8 @@ class _Slice(nn.Module):
 
 class _SliceAndPark(nn.Module):
     """The same on a grid that is restored later (PiT): the first patches are kept, the rest
-    parked in order, and a copy of a token stands in for the package (no compute)."""
+    parked in order, and a copy of a token stands in for the package (no compute). The parked
+    tokens re-enter unchanged, so moving them by their package's update counts as overhead."""
 
     def __init__(self, tokens: int, package: bool) -> None:
         super().__init__()
@@ -67,6 +68,7 @@ class _SliceAndPark(nn.Module):
         k = self.tokens - p - pk - int(self.package)
         patches = x[:, p : p + n]
         state.parked.append((patches[:, k:], state.positions[:, k:]))
+        state.parked_packages.append(None)
         state.positions = state.positions[:, :k]
         extra = [patches[:, :1]] if self.package else []
         state.num_packages += len(extra)

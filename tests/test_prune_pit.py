@@ -85,7 +85,7 @@ def test_eval_is_deterministic_batch_consistent_and_counts_tokens(key, method):
 @pytest.mark.parametrize("method", ["spvit", "hard"])
 @pytest.mark.parametrize("key", ["pit_s_distilled", "pit_demo"])
 def test_training_masks_mean_what_inference_gathers(key, method):
-    """Masked tokens in training pass later blocks unchanged and re-enter the grid as parked ones do:
+    """Masked tokens in training pass later blocks as parked ones skip them (unchanged, or moved by their package):
     the masked forward (exact top-k) and the gathered one give the same logits."""
     model = _make(key)
     plan = _plan(key, method=method)
@@ -128,6 +128,40 @@ def test_pruned_tokens_reenter_the_grid_unchanged():
         assert torch.equal(grid[b, parked], after_block0[b, parked])
         kept = torch.tensor(sorted(set(range(225)) - set(parked.tolist())))
         assert (grid[b, kept] - after_block0[b, kept]).abs().amax(dim=1).min() > 1e-3  # went through blocks 1-2
+
+
+@pytest.mark.parametrize("method", ["spvit", "evit"])
+def test_a_learned_selector_s_pruned_tokens_reenter_moved_by_their_package(method):
+    """SPViT's parked tokens come back plus what the skipped blocks added to their package token;
+    EViT's fused token leaves its members unchanged."""
+    model = _make("pit_demo")
+    dense = copy.deepcopy(model)
+    sp.prune(model, sp.PruningPlan(locations=(1,), keep=(0.4,), method=method))
+    seen = {}
+
+    def keep_stage_output(module, args, output):
+        state = sp.pruning_state(model)
+        seen["grid"], seen["packages"] = output[0], output[1][:, model.num_tokens :]
+        seen["parked"] = [pos.clone() for _, pos in state.parked]
+        seen["folded"] = [f[1].clone() for f in state.parked_packages if f is not None]
+
+    model.transformers[0].register_forward_hook(keep_stage_output)
+    x = _image(model, 2)
+    with torch.no_grad():
+        model(x)
+        after_block0 = family_for(dense).embed(dense, x, 1)[:, 1:]
+    grid = seen["grid"].flatten(2).transpose(1, 2)
+    (positions,) = seen["parked"]
+    moved = grid.gather(1, positions[..., None].expand(-1, -1, grid.shape[-1])) - after_block0.gather(
+        1, positions[..., None].expand(-1, -1, grid.shape[-1])
+    )
+    if method == "evit":
+        assert seen["folded"] == [] and moved.abs().max().item() == 0.0
+        return
+    (folded,) = seen["folded"]
+    update = seen["packages"][:, :1] - folded  # (B, 1, C): blocks 1 and 2 on the package token
+    assert update.abs().max().item() > 1e-2
+    torch.testing.assert_close(moved, update.expand_as(moved), atol=1e-5, rtol=0)
 
 
 def test_plan_rules_per_grid():

@@ -4,13 +4,16 @@ PiT runs stages of timm ViT ``Block``s on token grids that shrink by pooling (27
 on PiT-S). Pruning works inside a stage like on a flat ViT; before the stage hands its grid to
 the next pooling layer (a depthwise convolution) the grid is restored:
 
-* Inference: a pruned token is *parked*, unchanged, with its grid position, and skips the
-  stage's remaining blocks; at the stage's end the kept and parked tokens are put back in grid
-  order (a gather by the inverse permutation, computed with ``topk`` since LiteRT has no sort
-  kernel). The convolution sees every position with a real feature, never a zero.
+* Inference: a pruned token is *parked* with its grid position and skips the stage's
+  remaining blocks; at the stage's end the kept and parked tokens are put back in grid order
+  (a gather by the inverse permutation, computed with ``topk`` since LiteRT has no sort
+  kernel). The convolution sees every position with a real feature, never a zero. A token a
+  learned selector folded into a package comes back moved by that package's update (see
+  ``_carried``); others come back unchanged.
 * Training (masks, the batch keeps one length): a masked patch token passes each later block
-  of its stage unchanged (``x + mask·(block(x) − x)``), so the grid the pooling sees is the one
-  inference restores, and the mask's straight-through gradient still reaches the selector.
+  of its stage the same way (``x + mask·(block(x) − x)``, plus its package's update in that
+  block), so the grid the pooling sees is the one inference restores, and the mask's
+  straight-through gradient still reaches the selector.
 
 Package tokens are appended after the patches and leave the stage with the class tokens: they
 ride through the pooling layer's ``fc`` like a class token and are never pruned again. Keep
@@ -45,15 +48,23 @@ class _PrunedPit:
 
 
 class _PrunedPitBlock(_PrunedBlock):
-    """A ViT block whose masked patch tokens (training) pass through unchanged, as parked ones do."""
+    """A ViT block whose masked patch tokens (training) skip it as parked ones do: unchanged, or
+    moved by their package token's update where they were folded into one."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         x = self._reduce(x)
         out = self._run(x, attn_mask, is_causal)
-        policy = self._spvit_state.policy
+        state = self._spvit_state
+        policy = state.policy
         if policy is None:
             return out
-        return x + policy[..., None].to(out.dtype) * (out - x)
+        update = policy[..., None].to(out.dtype) * (out - x)
+        p, n = state.num_prefix, state.num_patches
+        follow = [m[..., None].to(out.dtype) * (out - x)[:, p + n + j : p + n + j + 1]
+                  for j, m in enumerate(state.package_members)]  # fmt: skip
+        if follow:
+            update = update + torch.nn.functional.pad(sum(follow), (0, 0, p, update.shape[1] - p - n))
+        return x + update
 
 
 class _PrunedPitStage:
@@ -77,7 +88,7 @@ def begin_stage(state: PruneState | None, prefix: int, seq: torch.Tensor) -> Non
     state.patch_policy, state.package_policy = None, []
     n = seq.shape[1] - prefix
     state.positions = torch.arange(n, device=seq.device).unsqueeze(0).expand(seq.shape[0], n)
-    state.parked = []
+    state.parked, state.parked_packages, state.package_members = [], [], []
 
 
 def end_stage(state: PruneState | None, seq: torch.Tensor, prefix: int, shape: torch.Size
@@ -88,7 +99,7 @@ def end_stage(state: PruneState | None, seq: torch.Tensor, prefix: int, shape: t
     n = seq.shape[1] - prefix - packages
     cls_tokens, patches = seq[:, :prefix], seq[:, prefix : prefix + n]
     if state is not None and state.parked:
-        patches = _restore(patches, state.positions, state.parked)
+        patches = _restore(patches, state.positions, _carried(state, seq[:, prefix + n :]))
     if packages:
         if state.patch_policy is not None:  # training: the packages' masks ride along
             before = state.prefix_policy
@@ -98,6 +109,31 @@ def end_stage(state: PruneState | None, seq: torch.Tensor, prefix: int, shape: t
         cls_tokens = torch.cat([cls_tokens, seq[:, prefix + n :]], dim=1)
     b, c, h, w = shape
     return patches.transpose(1, 2).reshape(b, c, h, w), cls_tokens
+
+
+def _carried(state: PruneState, packages: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The parked tokens as they re-enter the grid: each moved by what the blocks it skipped added
+    to the package token it was folded into (the package's output minus the package as folded).
+
+    Why not unchanged: a parked token then reaches the pooling layer with the features of an
+    earlier block, which the convolution never saw there. The package is the weighted mean of
+    exactly those tokens, so its update is the first-order estimate of theirs, for one add.
+    Measured on ``pit_demo_fashion``, fine-tuned SPViT at keep 0.5 before blocks 1 and 4, seeds
+    0-2: 81.48% ± 1.67 unchanged (one seed fell to 79.55%), 82.58% ± 0.29 moved, against an
+    83.58% teacher; a plan pruning the second grid harder gave 81.95% and 81.86%
+    (``benchmarks/results/pit_carry_ab.json``). Only a learned selector's
+    package moves its members (SPViT trains with it): training-free EViT lost more moved than
+    unchanged when its first grid was pruned (71.95% against 78.65%, keep 0.4 / 0.12 / 0.65
+    before blocks 1, 2, 5), so EViT's fused token keeps its published meaning. Tokens pruned
+    without a package re-enter unchanged.
+    """
+    carried = []
+    for (tokens, positions), folded in zip(state.parked, state.parked_packages, strict=True):
+        if folded is not None:
+            j, package = folded
+            tokens = tokens + (packages[:, j : j + 1] - package)
+        carried.append((tokens, positions))
+    return carried
 
 
 def _restore(kept: torch.Tensor, positions: torch.Tensor, parked: list[tuple[torch.Tensor, torch.Tensor]]):

@@ -134,6 +134,7 @@ class TokenReducer(nn.Module):
         state.parked.append((ranked[:, k:], positions[:, k:]))
         state.positions = positions[:, :k]
         tail = [fold_ranked_tail(ranked, scores, k)] if self.package_token else []
+        state.parked_packages.append((state.num_packages, tail[0]) if tail and self.scorer.learned else None)
         state.num_packages += len(tail)
         return torch.cat([x[:, :p], ranked[:, :k], x[:, p + n :], *tail], dim=1)
 
@@ -152,10 +153,12 @@ class TokenReducer(nn.Module):
             hard = F.gumbel_softmax(logp, tau=self.tau, hard=True)[..., 1]
         policy = prev * hard
         if self.package_token:
-            package, any_member = fold_package(patches, logp[..., 1], prev * (1.0 - hard))
+            members = (prev * (1.0 - hard)).detach()
+            package, any_member = fold_package(patches, logp[..., 1], members)
             x = torch.cat([x, package], dim=1)
             state.num_packages += 1
             state.package_policy.append(any_member)
+            state.package_members.append(members)
         state.patch_policy = policy
         state.decisions.append(policy)
         state.kept_fraction.append(policy.mean(dim=1))

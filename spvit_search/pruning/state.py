@@ -33,6 +33,10 @@ class PruneState:
     # Grid restoration (families whose grid is needed again after a stage, e.g. PiT's pooling):
     positions: torch.Tensor | None = None  # eval: (B, n) grid position of each current patch token
     parked: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # eval: pruned (tokens, positions)
+    #: eval: per parked entry, (index of its package among the stage's, the package as folded), or None
+    parked_packages: list[tuple[int, torch.Tensor] | None] = field(default_factory=list)
+    #: train: per package of the stage, the 0/1 mask (B, num_patches) of the tokens folded into it
+    package_members: list[torch.Tensor] = field(default_factory=list)
     prefix_policy: torch.Tensor | None = None  # train: (B, num_prefix) keep mask of the prefix (carried packages)
     # Window pruning (Swin): the active location's token scores (B, H, W) and its selector
     score_map: tuple[torch.Tensor, object] | None = None
@@ -58,6 +62,8 @@ class PruneState:
         self.token_size = None
         self.positions = None
         self.parked = []
+        self.parked_packages = []
+        self.package_members = []
         self.prefix_policy = None
         self.score_map = None
         self.adaptive_counts = []
