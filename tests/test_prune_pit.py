@@ -152,9 +152,8 @@ def test_a_learned_selector_s_pruned_tokens_reenter_moved_by_their_package(metho
         after_block0 = family_for(dense).embed(dense, x, 1)[:, 1:]
     grid = seen["grid"].flatten(2).transpose(1, 2)
     (positions,) = seen["parked"]
-    moved = grid.gather(1, positions[..., None].expand(-1, -1, grid.shape[-1])) - after_block0.gather(
-        1, positions[..., None].expand(-1, -1, grid.shape[-1])
-    )
+    index = positions[..., None].expand(-1, -1, grid.shape[-1])
+    moved = grid.gather(1, index) - after_block0.gather(1, index)
     if method == "evit":
         assert seen["folded"] == [] and moved.abs().max().item() == 0.0
         return

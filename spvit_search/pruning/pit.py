@@ -58,12 +58,13 @@ class _PrunedPitBlock(_PrunedBlock):
         policy = state.policy
         if policy is None:
             return out
-        update = policy[..., None].to(out.dtype) * (out - x)
-        p, n = state.num_prefix, state.num_patches
-        follow = [m[..., None].to(out.dtype) * (out - x)[:, p + n + j : p + n + j + 1]
-                  for j, m in enumerate(state.package_members)]  # fmt: skip
-        if follow:
-            update = update + torch.nn.functional.pad(sum(follow), (0, 0, p, update.shape[1] - p - n))
+        delta = out - x
+        update = policy[..., None].to(out.dtype) * delta
+        if state.package_members:
+            p, n = state.num_prefix, state.num_patches
+            follow = sum(m[..., None].to(out.dtype) * delta[:, p + n + j : p + n + j + 1]
+                         for j, m in enumerate(state.package_members))  # fmt: skip
+            update = update + torch.nn.functional.pad(follow, (0, 0, p, delta.shape[1] - p - n))
         return x + update
 
 

@@ -158,7 +158,8 @@ class TokenReducer(nn.Module):
             x = torch.cat([x, package], dim=1)
             state.num_packages += 1
             state.package_policy.append(any_member)
-            state.package_members.append(members)
+            if state.positions is not None:  # a grid restored later (PiT): its members follow the package
+                state.package_members.append(members)
         state.patch_policy = policy
         state.decisions.append(policy)
         state.kept_fraction.append(policy.mean(dim=1))
