@@ -74,7 +74,8 @@ def test_a_target_share_is_judged_against_the_unpruned_model_measured_alongside(
         anchor = c["session_unpruned_ms"]
         assert c["budget_ms"] == pytest.approx(0.8 * anchor, abs=2e-3)
         assert c["measured_ms"] == pytest.approx(c["raw_ms"] / c["reference_ms"] * anchor, abs=2e-3)
-        assert c["over_target"] == (c["measured_ms"] > c["budget_ms"])
+        if c["measured_ms"] != c["budget_ms"]:  # both rounded to 3 decimals: a tie says nothing (seen in CI)
+            assert c["over_target"] == (c["measured_ms"] > c["budget_ms"])
     chosen = [c for c in summary["candidates"] if c["keep"] == list(plan.keep) and not c["over_target"]]
     assert chosen and plan.measured_ms <= plan.target_ms == summary["target_ms"]
     assert 0.35 * demo["dense_ms"] < plan.target_ms < 1.4 * demo["dense_ms"]  # 0.7 of a measurement, not of 0
