@@ -8,6 +8,11 @@ windows of stages 0-2, its methods ``spvit`` and ``norm``). All ONNX
 sessions run interleaved in shuffled order per round (profilers/protocol.py); figures are
 medians.
 
+Ratios are paired by round: each round's dense / pruned and (pruned - baseline) / dense, then the
+median over rounds (with the overhead's interquartile range), so drift between rounds cancels
+instead of entering as the difference of two medians (on this 2-core host that difference swung
+by 3-4% of dense between two runs minutes apart, hiding a 3% goal).
+
 * speedup = dense / pruned latency; FLOPs reduction = dense / pruned MACs; their ratio
   says how much of the FLOPs saving turns into time (goal >= 0.95).
 * overhead = (pruned - same-token-count blocks without any selection) / dense latency: what
@@ -31,6 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -168,12 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     dense_ms = timing["dense"].median_ms
+    dense_rounds = np.array(timing["dense"].round_ms)
     rows = []
     for method in methods:
         ms = timing[method].median_ms
-        speedup = dense_ms / ms
+        pruned_rounds = np.array(timing[method].round_ms)
+        baseline_rounds = np.array(timing[f"{method}-noselect"].round_ms)
+        speedup = float(np.median(dense_rounds / pruned_rounds))
         reduction = macs["dense"] / macs[method]
-        overhead = (ms - timing[f"{method}-noselect"].median_ms) / dense_ms * 100
+        overheads = (pruned_rounds - baseline_rounds) / dense_rounds * 100
+        q25, overhead, q75 = (float(v) for v in np.percentile(overheads, [25, 50, 75]))
         rows.append(
             {
                 "method": method,
@@ -182,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "flops_reduction": round(reduction, 3),
                 "speedup_over_flops": round(speedup / reduction, 3),
                 "overhead_pct_of_dense": round(overhead, 2),
+                "overhead_iqr_pct": [round(q25, 2), round(q75, 2)],
             }
         )
     result = {
@@ -200,11 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "dense-timm" in timing:
         timm_ms = timing["dense-timm"].median_ms
         print(f"  timm's own dense model (-100 shift masks, denormal softmax weights): {timm_ms:.2f} ms")
-    print(f"{'method':8} {'ms':>8} {'speedup':>8} {'FLOPs red.':>10} {'ratio':>6} {'overhead':>9}")
+    print(f"{'method':8} {'ms':>8} {'speedup':>8} {'FLOPs red.':>10} {'ratio':>6} {'overhead':>9}  rounds' IQR")
     for r in rows:
+        low, high = r["overhead_iqr_pct"]
         print(
             f"{r['method']:8} {r['latency_ms']:8.2f} {r['speedup']:8.3f} {r['flops_reduction']:10.3f} "
-            f"{r['speedup_over_flops']:6.3f} {r['overhead_pct_of_dense']:8.2f}%"
+            f"{r['speedup_over_flops']:6.3f} {r['overhead_pct_of_dense']:8.2f}%  [{low:.2f}, {high:.2f}]%"
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

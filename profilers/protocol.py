@@ -26,9 +26,14 @@ class Timing:
     std_ms: float
     runs: int
     rounds: int
+    #: each round's median, in round order: candidates measured in one interleaved run can be
+    #: compared round by round (drift between rounds cancels); not written to tables
+    round_ms: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+        fields = asdict(self)
+        del fields["round_ms"]
+        return fields
 
 
 def summarize(rounds: list[list[float]]) -> Timing:
@@ -44,6 +49,7 @@ def summarize(rounds: list[list[float]]) -> Timing:
         std_ms=float(np.std(runs)),
         runs=len(runs),
         rounds=sum(1 for r in rounds if r),
+        round_ms=tuple(float(statistics.median(r)) if r else math.nan for r in rounds),
     )
 
 
