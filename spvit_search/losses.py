@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,3 +166,53 @@ class LatencyPenalty(nn.Module):
 
     def forward(self, kept_fraction: list[torch.Tensor]) -> torch.Tensor:
         return F.relu(self.predicted_ms(kept_fraction) / self.target_ms - 1.0).pow(2)
+
+
+class HandedGridMSE:
+    """Token distillation for a family whose final features hold no patch tokens (PiT: the class
+    tokens only, so the kept-token MSE has nothing to match): the grid each stage hands to the
+    next pooling layer, matched to the dense teacher's at the same point, over every position.
+
+    Every position is filled there (kept tokens, and pruned ones carried: moved by their package
+    token's update for a learned selector, in training as at inference), so this is the loss the
+    pooling layer's input answers to; without it a pruned stage is steered only by the logits.
+    Forward hooks keep the grids of the forward calls made while ``recording``.
+    """
+
+    def __init__(self, student: Sequence[nn.Module], teacher: Sequence[nn.Module]) -> None:
+        if len(student) != len(teacher) or not student:
+            raise ValueError(f"{len(student)} student and {len(teacher)} teacher grids do not pair up")
+        self.recording = False
+        self._student: list[torch.Tensor] = []
+        self._teacher: list[torch.Tensor] = []
+        self._hooks = [m.register_forward_hook(self._keeper(self._student)) for m in student]
+        self._hooks += [m.register_forward_hook(self._keeper(self._teacher)) for m in teacher]
+
+    def _keeper(self, into: list[torch.Tensor]):
+        def keep(module: nn.Module, args: tuple, output) -> None:
+            if self.recording:
+                into.append(output[0] if isinstance(output, tuple) else output)
+
+        return keep
+
+    def start(self) -> None:
+        """Forget the last step's grids and keep those of the next forward calls."""
+        self._student.clear()
+        self._teacher.clear()
+        self.recording = True
+
+    def loss(self) -> torch.Tensor:
+        """Mean over the handed grids of the student's MSE to the teacher (call after both forwards)."""
+        self.recording = False
+        if len(self._student) != len(self._teacher) or not self._student:
+            raise RuntimeError(
+                f"grid distillation saw {len(self._student)} student and {len(self._teacher)} teacher grids: "
+                "run the teacher and the student once each after start()"
+            )
+        return torch.stack([(s - t).pow(2).mean() for s, t in zip(self._student, self._teacher, strict=True)]).mean()
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._student.clear()
+        self._teacher.clear()

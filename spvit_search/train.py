@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .data import build_dataset
 from .densities import check_densities, step_paths
 from .errors import SpvitError
-from .losses import SelectorHint, distillation_kl, kept_token_mse, patch_token_mse, ratio_loss
+from .losses import HandedGridMSE, SelectorHint, distillation_kl, kept_token_mse, patch_token_mse, ratio_loss
 from .plan import PlanError, PruningPlan
 from .pruning import family_for, pruning_state, set_keep
 from .records import append_csv_rows
@@ -108,7 +108,8 @@ class _WithFeatures(nn.Module):
 
 def _token_layout(features: torch.Tensor, state) -> bool:
     """True if the features are the whole token sequence of the last grid (a ViT's), which the
-    kept-token loss matches; a PiT's are its class tokens only, and the term is not applied."""
+    kept-token loss matches; a PiT's are its class tokens only (its grids are matched where they
+    enter the pooling layers instead: ``HandedGridMSE``)."""
     return features.dim() == 3 and features.shape[1] == state.num_prefix + state.num_patches + state.num_packages
 
 
@@ -387,6 +388,11 @@ def fit(
         before = plan.previous_keep(model)
         acting = [loc for loc, k, b in zip(plan.locations, plan.keep, before, strict=True) if k < b]
         hint = SelectorHint(teacher, tuple(acting))
+    grids = None  # PiT: its final features are class tokens; the grids handed to pooling are distilled
+    if learned and teacher is not None and cfg.token_distill_weight and not cfg.densities:
+        handed = family_for(model).handed_grids(model)
+        if handed:
+            grids = HandedGridMSE(handed, family_for(teacher).handed_grids(teacher))
     student: nn.Module = _WithFeatures(model)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -413,6 +419,8 @@ def fit(
                 else:
                     group["lr"] = lr * cfg.selector_lr_scale
             reference = None
+            if grids is not None:
+                grids.start()
             if teacher is not None:
                 with torch.no_grad():
                     t_features = teacher.forward_features(images)
@@ -431,6 +439,8 @@ def fit(
                     dense = not pruned or (bool(cfg.densities) and keep is None)
                     parts = _path_losses(cfg, model, logits, features, labels, state, sparse, dense, reference,
                                          hint, latency_penalty if sparse else None)  # fmt: skip
+                    if grids is not None:
+                        parts["tokens"] = cfg.token_distill_weight * grids.loss()
                     path_loss = sum(parts.values())
                     if cfg.densities and keep is not None:  # the dense path weighs as much as all sparse ones
                         path_loss = path_loss / (len(paths) - 1)
@@ -485,6 +495,8 @@ def fit(
         if world > 1:
             dist.barrier()
 
+    if grids is not None:
+        grids.remove()
     if cfg.densities:  # saved and returned at the plan's own operating point
         set_keep(model, plan.keep)
     model_file = out / "model.pt"

@@ -10,6 +10,7 @@ from torch import nn
 
 import spvit_search as sp
 from spvit_search.evaluate import PlanEvaluator
+from spvit_search.losses import HandedGridMSE
 from spvit_search.plan import PlanError, kept_count
 from spvit_search.pruning import UnsupportedModelError, family_for
 
@@ -161,6 +162,39 @@ def test_a_learned_selector_s_pruned_tokens_reenter_moved_by_their_package(metho
     update = seen["packages"][:, :1] - folded  # (B, 1, C): blocks 1 and 2 on the package token
     assert update.abs().max().item() > 1e-2
     torch.testing.assert_close(moved, update.expand_as(moved), atol=1e-5, rtol=0)
+
+
+def test_grid_distillation_matches_the_grids_handed_to_pooling_and_trains_the_selector():
+    """PiT's token distillation: zero for a student that computes what the teacher does; for a
+    pruned student in training, the grids entering the pooling layers differ and the loss's gradient
+    reaches the selector (through the mask) and the pruned stage's blocks."""
+    teacher = _make("pit_demo")
+    student = copy.deepcopy(teacher)
+    twin = HandedGridMSE(family_for(student).handed_grids(student), family_for(teacher).handed_grids(teacher))
+    x = _image(teacher, 4)
+    twin.start()
+    with torch.no_grad():
+        teacher(x), student(x)
+    assert twin.loss().item() == 0.0
+    twin.remove()
+
+    sp.prune(student, sp.PruningPlan(locations=(1, 4), keep=(0.5, 0.5), method="spvit")).train()
+    grids = HandedGridMSE(family_for(student).handed_grids(student), family_for(teacher).handed_grids(teacher))
+    grids.start()
+    with torch.no_grad():
+        teacher(x)
+    student(x)
+    loss = grids.loss()
+    assert loss.item() > 1e-4
+    loss.backward()
+    blocks = family_for(student).blocks(student)
+    selector = blocks[1].token_selector
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in selector.parameters())
+    assert blocks[2].mlp.fc1.weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="2 student and 0 teacher grids"):
+        grids.start()
+        student(x)
+        grids.loss()
 
 
 def test_plan_rules_per_grid():

@@ -233,3 +233,23 @@ def test_selector_hint_teaches_the_teachers_class_attention_ranking():
     hint.remove()
     assert losses[-1] < 0.5 * losses[0]
     assert overlaps[0] < 0.75 and np.mean(overlaps[-5:]) > 0.9, (overlaps[0], overlaps[-5:])
+
+
+def test_pit_fine_tune_distils_the_grids_handed_to_pooling(tmp_path):
+    """On PiT the final features are class tokens, so its token distillation term is the grids
+    entering the pooling layers: logged (non-zero) with the default weight, absent with 0."""
+    model = "pit_demo_digits"
+    teacher = create_model(model)
+    checkpoint = tmp_path / "dense.pt"
+    torch.save({"model": teacher.state_dict(), "model_name": model}, checkpoint)
+    plan = sp.PruningPlan(locations=(1, 4), keep=(0.5, 0.5), method="spvit", model=model)
+    plan_file = str(plan.save(tmp_path / "p.yaml"))
+    tokens = {}
+    for weight in ("0.5", "0"):
+        out = tmp_path / f"tw{weight}"
+        done = CliRunner().invoke(main, ["finetune", "--plan", plan_file, "--checkpoint", str(checkpoint), "--out",
+                                         str(out), "--epochs", "1", "--selector-warmup", "0", "--train-subset", "64",
+                                         "--batch-size", "32", "--token-weight", weight, "--no-resume"])  # fmt: skip
+        assert done.exit_code == 0, done.output
+        tokens[weight] = float(_rows(out / "metrics.csv")[0]["tokens"])
+    assert tokens["0.5"] > 0 and tokens["0"] == 0

@@ -104,6 +104,13 @@ class ModelFamily(ABC):
         """Evenly spaced selector locations among the blocks where this family (and ``methods``) can prune."""
         return self.layout(model).default_locations(stages, methods)
 
+    def handed_grids(self, model: nn.Module) -> list[nn.Module]:
+        """Modules whose output (or its first element) is a whole token grid handed to a layer the
+        family restores it for, the same modules in the pruned and the dense model: where the final
+        features hold no patch tokens (PiT's class tokens), fine-tuning distils these grids
+        instead. None by default: a flat ViT's and a Swin's final features hold every token."""
+        return []
+
     def depth(self, model: nn.Module) -> int:
         """Number of blocks a selector location can index."""
         return len(self.blocks(model))

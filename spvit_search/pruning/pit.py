@@ -161,6 +161,11 @@ class PitFamily(ModelFamily):
         stages = [(stage, _PrunedPitStage) for stage in model.transformers]
         return [(model, _PrunedPit), *stages, *((blk, _PrunedPitBlock) for blk in self.blocks(model))]
 
+    def handed_grids(self, model: nn.Module) -> list[nn.Module]:
+        """Every stage but the last: its output grid enters the next pooling layer (the last grid is
+        dropped by timm's head, which reads the class tokens)."""
+        return list(model.transformers[:-1])
+
     def layout(self, model: nn.Module) -> ModelLayout:
         blocks, stages, start = self.blocks(model), [], 0
         grids = grid_sizes(model)
