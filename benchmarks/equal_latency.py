@@ -369,8 +369,23 @@ class Harness:
                                             "files": len(files), "at": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
         self.results.save()
 
+    def check_artifacts(self) -> None:
+        """Refuse a results file whose checkpoints are not on this machine: a committed record read
+        in a fresh clone. Resuming it would train a new teacher, keep targets set on another day's
+        host, and fail only at the end, loading checkpoints that are not here."""
+        missing = {k: c["checkpoint"] for k, c in self.results.data["cells"].items()
+                   if not Path(c["checkpoint"]).exists()}  # fmt: skip
+        if missing:
+            key, path = next(iter(missing.items()))
+            raise SystemExit(
+                f"{self.args.results} records {len(missing)} cells whose checkpoints are not here (e.g. {key}: "
+                f"{path}): it is the record of another run. Run afresh with a new --results and --out, or print "
+                "it with --summary-only"
+            )
+
     def run(self) -> None:
         started = time.perf_counter()
+        self.check_artifacts()
         self.prepare()
         self.plans()
         for ratio in self.results.data["targets"]:

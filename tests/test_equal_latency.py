@@ -112,3 +112,16 @@ def test_a_plan_keeps_the_stages_of_every_grid(tmp_path, monkeypatch):
     assert harness.plan_of("0.8", "evit").locations == (1, 2, 5)  # 5 is on the 8² grid: 0.3 of it
     plan.update(locations=[1, 2, 4], keep=[0.35, 0.35, 0.3])  # block 2 keeps what block 1 kept: idle
     assert harness.plan_of("0.8", "evit").locations == (1, 4)
+
+
+def test_a_record_from_another_machine_is_refused_not_resumed(tmp_path):
+    """A committed results file read in a fresh clone names checkpoints that are not there: the
+    harness says so at once (and how to run afresh) instead of training a teacher and failing later."""
+    results = tmp_path / "record.json"
+    cell = {"contender": "evit", "ratio": "0.8", "checkpoint": str(tmp_path / "gone" / "model.pt"), "test_top1": 80.0}
+    results.write_text(json.dumps({"cells": {"0.8/seed0/evit": cell}}))
+    done = _run("--model", "pit_demo_fashion", "--contenders", "evit", "--out", str(tmp_path / "out"),
+                "--results", str(results))  # fmt: skip
+    assert done.returncode != 0
+    assert "1 cells whose checkpoints are not here (e.g. 0.8/seed0/evit" in done.stderr
+    assert "--summary-only" in done.stderr and not (tmp_path / "out" / "teacher").exists()
