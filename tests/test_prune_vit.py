@@ -180,12 +180,17 @@ def test_selectors_start_at_their_stage_keep_ratio(count):
 @pytest.mark.parametrize("method", ["spvit", "hard"])
 def test_exact_training_keeps_the_inference_tokens(method):
     """Train mode keeps exactly the plan's count per image — the same tokens inference gathers."""
+    torch.manual_seed(0)  # not the order the suite happens to run in
     model = timm.create_model("deit_tiny_patch16_224", img_size=112, drop_rate=0.0)
     plan = sp.PruningPlan(keep=(0.7, 0.49, 0.343), method=method)
     sp.prune(model, plan)
-    with torch.no_grad():  # a fresh selector's scores are nearly tied; spread them so float noise cannot flip ranks
+    # A fresh selector's scores are nearly tied: spread them so float noise cannot flip ranks, but
+    # not so far that log σ saturates (at 200× the first stage's gap between its k-th and next
+    # score fell to 6e-8 at seed 0, and a rank flipped between the masked and the gathered path;
+    # at 20× the gap is 1e-3, and seeds 0-99 held).
+    with torch.no_grad():
         for loc in plan.locations:
-            model.blocks[loc].token_selector.scorer.out[-1].weight.mul_(200.0)
+            model.blocks[loc].token_selector.scorer.out[-1].weight.mul_(20.0)
     x = torch.randn(6, 3, 112, 112)
     with torch.no_grad():
         gathered = model.eval()(x)
