@@ -271,10 +271,11 @@ def plot_curve(metrics: Path, png: Path, title: str) -> None:
 
 def _path_losses(cfg: TrainConfig, model: nn.Module, logits: torch.Tensor, features: torch.Tensor,
                  labels: torch.Tensor, state, sparse: bool, dense: bool, reference, hint,
-                 latency_penalty) -> dict:  # fmt: skip
+                 latency_penalty, grids: HandedGridMSE | None = None) -> dict:  # fmt: skip
     """Loss terms of one forward: task, ratio, distillation from ``reference`` = (logits, final
     features) of the teacher or, for a sparse path of weight-shared training, of the dense path.
-    ``sparse``: learned selectors acted; ``dense``: no token was removed (the teacher's layout)."""
+    ``sparse``: learned selectors acted; ``dense``: no token was removed (the teacher's layout);
+    ``grids``: the handed grids of this step's forwards, where the final features hold no patches."""
     parts = {"task": F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)}
     if sparse and state.kept_fraction and not cfg.densities:  # weight-shared: see densities.py
         parts["ratio"] = cfg.ratio_weight * ratio_loss(state)
@@ -283,7 +284,9 @@ def _path_losses(cfg: TrainConfig, model: nn.Module, logits: torch.Tensor, featu
         parts["distill"] = cfg.distill_weight * distillation_kl(logits, t_logits, cfg.distill_tau)
         if hint is not None and sparse and state.keep_logp:
             parts["hint"] = cfg.selector_hint_weight * hint(state)
-        if sparse and state.patch_policy is not None and cfg.token_distill_weight and _token_layout(features, state):
+        if grids is not None:
+            parts["tokens"] = cfg.token_distill_weight * grids.loss()
+        elif sparse and state.patch_policy is not None and cfg.token_distill_weight and _token_layout(features, state):
             parts["tokens"] = cfg.token_distill_weight * kept_token_mse(features, t_features, state)
         elif sparse and cfg.token_distill_weight and features.dim() == 4 == t_features.dim():
             # a Swin's last grid: every token is there (pruned windows are carried), so all are matched
@@ -438,9 +441,7 @@ def fit(
                     sparse = keep is not None and learned
                     dense = not pruned or (bool(cfg.densities) and keep is None)
                     parts = _path_losses(cfg, model, logits, features, labels, state, sparse, dense, reference,
-                                         hint, latency_penalty if sparse else None)  # fmt: skip
-                    if grids is not None:
-                        parts["tokens"] = cfg.token_distill_weight * grids.loss()
+                                         hint, latency_penalty if sparse else None, grids)  # fmt: skip
                     path_loss = sum(parts.values())
                     if cfg.densities and keep is not None:  # the dense path weighs as much as all sparse ones
                         path_loss = path_loss / (len(paths) - 1)
