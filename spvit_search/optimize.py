@@ -214,6 +214,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     if not worker_only:  # this session's factor (1 without a check), not a resumed study's old one
         fail_dead_trials(study)  # a resumed study's trials of a crashed run: failed, queued again
         publish_drift(study, latency)
+        publish_budget(study, settings.target_ms)
         study.set_user_attr("calib_images", len(images))  # how finely its accuracies can rank plans
     objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective)
 
@@ -276,6 +277,14 @@ def check_drift(latency: PlanLatency, model_name: str, device: DeviceConfig, set
 def publish_drift(study: optuna.Study, latency: PlanLatency) -> None:
     """The lead's drift factor, for the workers' feasibility checks (they cannot measure)."""
     study.set_user_attr("drift", latency.drift)
+
+
+def publish_budget(study: optuna.Study, target_ms: float | None) -> None:
+    """The lead's budget, for the workers' feasibility checks: with ``--target-share`` it is the
+    share of the unpruned model as the lead measured it, which each machine's table alone would
+    put elsewhere (one study, one budget)."""
+    if target_ms is not None:
+        study.set_user_attr("target_ms", target_ms)
 
 
 def flat_objective(study: optuna.Study, objective: str) -> str | None:
@@ -362,6 +371,7 @@ def verify_on_device(study, latency: PlanLatency, model_name: str, device: Devic
         publish_drift(study, latency)
         if settings.target_share is not None:  # the next ranking aims at the share as now estimated
             settings.target_ms = round(budget, 4)
+            publish_budget(study, settings.target_ms)
         for (t, plan, predicted), (_, ms) in zip(batch, raw, strict=True):
             measured[t.user_attrs["plan_key"]] = {
                 "trial": t.number, "plan": plan, "accuracy": trial_accuracy(t), "predicted_ms": predicted,

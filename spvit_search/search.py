@@ -138,6 +138,9 @@ def make_objective(
         trial.set_user_attr("host", socket.gethostname())
         # the lead's drift factor (its device measurements); a worker on another machine has none
         latency.set_drift(trial.study.user_attrs.get("drift", latency.drift))
+        # and the lead's budget: a --target-share is milliseconds of the lead's measured unpruned
+        # model, which a worker's own table would put elsewhere (by the drift factor)
+        target = None if target_ms is None else trial.study.user_attrs.get("target_ms", target_ms)
         plan = space.suggest(trial, model_name)
         predicted = latency.predict(plan).total_ms
         trial.set_user_attr("plan_key", plan_key(plan))
@@ -145,9 +148,9 @@ def make_objective(
         trial.set_user_attr("locations", list(plan.locations))
         trial.set_user_attr("method", plan.method)
         trial.set_user_attr("predicted_ms", predicted)
-        if target_ms is not None:
-            trial.set_constraint("latency_ms", predicted - target_ms)
-            if predicted > target_ms:  # infeasible: no accuracy evaluation at all
+        if target is not None:
+            trial.set_constraint("latency_ms", predicted - target)
+            if predicted > target:  # infeasible: no accuracy evaluation at all
                 trial.set_user_attr("evaluated", False)
                 return (0.0, predicted) if multi_objective else 0.0
         earlier = claim(trial, plan_key(plan))
@@ -164,7 +167,7 @@ def make_objective(
         # Among equally accurate plans, the one that uses more of the budget: a bonus far below
         # one image's worth of accuracy, so it only orders ties — and once accuracy saturates
         # it still gives TPE a direction (towards the target) instead of none.
-        return accuracy + TIE_BONUS * predicted / target_ms if target_ms else accuracy
+        return accuracy + TIE_BONUS * predicted / target if target else accuracy
 
     return objective
 

@@ -176,6 +176,29 @@ def test_two_workers_share_one_study_without_duplicated_trials(tmp_path, demo):
     assert len(evaluated) == len(set(evaluated))  # no plan was evaluated twice
 
 
+def test_a_worker_judges_feasibility_by_the_leads_budget(tmp_path, demo):
+    """With --target-share the lead's budget is a share of the unpruned model as the lead measured it;
+    a worker's own table would put it elsewhere. The worker takes the budget the lead published."""
+    journal = tmp_path / "study.log"
+    worker = _args(demo, "--target-share", "0.9", "--trials", "8", "--worker", "--storage", f"journal:{journal}")
+    from spvit_search.sharing import open_storage
+
+    for name, lead_ms in (("lead-published", 0.01), ("no-lead-yet", None)):
+        study = optuna.create_study(study_name=name, storage=open_storage(f"journal:{journal}"), direction="maximize")
+        if lead_ms is not None:
+            study.set_user_attr("target_ms", lead_ms)  # as the lead publishes it (optimize.publish_budget)
+        done = CliRunner().invoke(main, [*worker, "--study", name])
+        assert done.exit_code == 0, done.output
+        trials = [t for t in _load(journal, name).trials if t.state in COUNTED]
+        assert len(trials) >= 8
+        if lead_ms is not None:  # every plan is over 0.01 ms: none evaluated, each constraint from that budget
+            assert not any(t.user_attrs["evaluated"] for t in trials)
+            for t in trials:
+                assert t.system_attrs["constraints:latency_ms"] == pytest.approx(t.user_attrs["predicted_ms"] - lead_ms)
+        else:  # its own 0.9 of its table's unpruned model: some plans fit and are evaluated
+            assert any(t.user_attrs["evaluated"] for t in trials)
+
+
 def test_killed_study_resumes_with_its_trials(tmp_path, demo):
     journal = tmp_path / "study.log"
     target = demo["dense_ms"] * 0.8

@@ -91,10 +91,11 @@ def test_the_readme_recipe_survives_a_worker_killed_mid_trial(tmp_path, demo, se
     # 0.85, not 0.75: this is about the recipe and a killed worker, not the budget's tightness. At
     # 0.75 the demo model's fastest plans sit right at the target once candidates are judged beside
     # the unpruned model (2-9% slower than a model run alone); seen on CI: the one candidate 5% over,
-    # nothing else left under the corrected predictions
-    target = demo["dense_ms"] * 0.85
+    # nothing else left under the corrected predictions. A share of the unpruned model, not ms of the
+    # fixture's table: the lead's drift check runs while the victim starts up beside it, and once (CI)
+    # measured 1.5x the table, which put even the fastest plan over 0.85 of the table's dense
     search = ["--device", "local", "--model", DEMO_MODEL, "--checkpoint", str(demo["checkpoint"]),
-              "--tables", str(demo["tables"]), "--calib-images", "200", "--target-ms", f"{target:.3f}",
+              "--tables", str(demo["tables"]), "--calib-images", "200", "--target-share", "0.85",
               "--trials", "60", "--verify-top", "1", "--heartbeat", str(HEARTBEAT_S),
               "--out", str(tmp_path / "plan.yaml")]  # fmt: skip
     log = tmp_path / "lead.log"

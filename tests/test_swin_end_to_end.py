@@ -22,6 +22,7 @@ from spvit_search.devices import DeviceRegistry
 from spvit_search.latency import LatencyTable
 from spvit_search.models import build_model, create_model
 from spvit_search.predictor import PlanLatency
+from spvit_search.search import SearchSpace
 
 MODEL = "swin_demo_digits"  # grids 16², 8² = 16, 4 windows of 4×4; blocks 0-3 | 4-5
 CLI = [sys.executable, "-m", "spvit_search.cli"]
@@ -70,7 +71,10 @@ def test_optimize_places_spvit_with_norm_then_finetune_and_search_its_selectors(
     device = DeviceRegistry.load().get("local")
     latency = PlanLatency.for_device(device, build_model(MODEL), MODEL, root=swin["tables"], methods=("spvit",))
     dense_ms = latency.predict(sp.PruningPlan(locations=(1,), keep=(1.0,), method="norm")).total_ms
-    target = round(dense_ms * 0.9, 4)
+    # 0.9 of dense, or halfway down to the fastest plan where that is nearer: some tables price the
+    # selectors so high that the fastest plan saves only 7% (seen in CI: fastest 2.35, dense 2.53 ms)
+    fastest_ms, _ = SearchSpace(((1, 2, 4),), ("spvit",), layout=latency.layout).fastest(latency)
+    target = round(max(dense_ms * 0.9, (fastest_ms + dense_ms) / 2), 4)
     common = ["--model", MODEL, "--tables", str(swin["tables"]), "--calib-images", "128", "--trials", "20",
               "--verify-top", "0", "--target-ms", str(target), "--locations", "1,2,4", "--json"]  # fmt: skip
     plan_file = tmp_path / "plan.yaml"
