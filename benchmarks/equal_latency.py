@@ -14,7 +14,9 @@ only):
    ``spvit`` and ``hard`` placed by the EViT proxy with their own latency), every method at the
    target's share of the dense model's *predicted* latency under the one table of step 1 (no
    per-method device check: step 4 measures everything together), and ``shrink`` for the
-   smaller dense model (every depth measured, the deepest within the target);
+   smaller dense model (every depth measured, the deepest within the target). With ``--budget
+   flops`` the targets are shares of the dense model's FLOPs instead (``optimize --target-flops``):
+   plans no host's speed moves, for claims stated in FLOPs; still measured in step 4;
 3. training, the same budget for every contender and seed (``--epochs`` on ``--finetune-subset``
    images, the teacher's logits and tokens distilled): ``finetune`` for evit, tome, hard, spvit
    and spvit with the latency-aware loss (target 90% of its plan's prediction: with exact token
@@ -28,7 +30,7 @@ No choice is made on the test split: plans are ranked on the calibration split, 
 last epoch. Each cell is written as it finishes (``OUT/cells/…json`` and ``--results``); a rerun
 skips what is done. The same harness runs on any device of ``devices.yaml`` (``--device``).
 
-    python benchmarks/equal_latency.py [--device local] [--seeds 0,1,2] [--jobs 2] [--epochs 2]
+    python benchmarks/equal_latency.py [--device local] [--budget latency|flops] [--seeds 0,1,2] [--jobs 2] [--epochs 2]
         [--finetune-subset 3000] [--trials 150] [--out runs/equal-latency]
         [--results benchmarks/results/equal_latency.json] [--summary-only --markdown]
 """
@@ -96,6 +98,11 @@ SELECTOR_WARMUP = 0
 SELECTOR_HINT = 10.0
 
 
+#: what a target is a share of (--budget): the dense model's latency as the table predicts it, or its
+#: FLOPs. FLOPs plans are the same on every host and day; they are measured with the rest all the same
+PLANNING = {"latency": "share of the predicted dense latency", "flops": "share of the dense model's FLOPs"}
+
+
 def dense_plan(model: torch.nn.Module, model_name: str | None = None) -> sp.PruningPlan:
     """Keep 1 at the family's default location with its training-free method: nothing acts, so the
     pruned model equals the dense one (on Swin with the exact-zero shift masks of pruned plans)."""
@@ -137,7 +144,7 @@ class Harness:
         self.setting = {**extra, "epochs": args.epochs,
                         "finetune_subset": args.finetune_subset, "trials": args.trials, "search_locations": True,
                         "selector_warmup": SELECTOR_WARMUP, "selector_hint": SELECTOR_HINT,
-                        "planning": "share of the predicted dense latency", "device": args.device,
+                        "planning": PLANNING[args.budget], "device": args.device,
                         **teacher}  # fmt: skip
         if self.results.data.get("setting") not in (None, self.setting):
             raise SystemExit(f"{args.results} holds a run with other settings {self.results.data['setting']}; "
@@ -188,6 +195,10 @@ class Harness:
         meta = self.tables / d.name / f"{d.runtime}-t{d.threads}-b{d.batch}.meta.json"
         if self.model not in json.loads(meta.read_text()).get("calibration", {}):
             calibrate(self.device, self.model, self.tables, 5, MeasureSettings(rounds=8, runs=5), str(self.teacher))
+        if "targets" not in self.results.data and self.args.budget == "flops":
+            self.results.data["budget"] = "flops"
+            self.results.data["targets"] = {f"{r:g}": r for r in self.args.targets}
+            self.results.save()
         if "targets" not in self.results.data:
             dense = self.dense_model()
             timing, _ = measure_models(self.device, {"dense": dense}, MeasureSettings(rounds=10, runs=10))
@@ -217,7 +228,9 @@ class Harness:
                 # This host's speed swings by 10-20% within minutes, so checking candidates against a
                 # dense model measured beside them gave each method its own random budget (1.76 to
                 # 2.02 ms for 55% within two minutes); the final step measures every model together.
-                settings = OptimizeSettings(target_ms=None, target_share=float(ratio), checkpoint=str(self.teacher),
+                flops = self.args.budget == "flops"
+                settings = OptimizeSettings(target_ms=None, target_share=None if flops else float(ratio),
+                                            target_flops=float(ratio) if flops else None, checkpoint=str(self.teacher),
                                             data=DATA, methods=(method,), search_locations=True,
                                             proxy=self.family.training_free, stages=self.stages,
                                             trials=self.args.trials, tables=str(self.tables), verify_top=0,
@@ -236,13 +249,13 @@ class Harness:
                     "calib_top1": result.accuracy,
                     "scored_by": result.proxy or method,
                     "budget_ms": result.plan.target_ms,
+                    "flops_share": result.flops_share,
                     "seconds": round(time.perf_counter() - started),
                 }
-                log(
-                    f"plan {key}: keep {list(result.plan.keep)} at {list(result.plan.locations)}, predicted "
-                    f"{result.predicted_ms:.3f} ms (budget {result.plan.target_ms:g} ms: {ratio} of the dense model's "
-                    "predicted latency)"
-                )
+                budget = (f"{ratio} of the dense model's FLOPs; the plan's {result.flops_share:.3f}" if flops else
+                          f"{result.plan.target_ms:g} ms: {ratio} of the dense model's predicted latency")  # fmt: skip
+                log(f"plan {key}: keep {list(result.plan.keep)} at {list(result.plan.locations)}, predicted "
+                    f"{result.predicted_ms:.3f} ms (budget {budget})")  # fmt: skip
                 self.results.save()
         wanted = "smaller" in self.args.contenders
         if wanted and not all(f"{r}/depth" in plans for r in self.results.data["targets"]):
@@ -450,7 +463,9 @@ def print_table(rows: list[dict], data: dict, markdown: bool) -> None:
         ms = f"{r['measured_ms']:.3f}{share}" if r["measured_ms"] else "—"
         plan = r["plan"]
         what = f"keep {plan['keep']} at {plan['locations']}" if plan else "fewer blocks"
-        cols = (f"{float(r['target']):.0%} ({r['target_ms']:.3f} ms)", r["contender"], str(r["n"]),
+        target = (f"{float(r['target']):.0%} FLOPs" if data.get("budget") == "flops" else
+                  f"{float(r['target']):.0%} ({r['target_ms']:.3f} ms)")  # fmt: skip
+        cols = (target, r["contender"], str(r["n"]),
                 f"{r['top1_mean']:.2f}%{sd}", ms, f"{r['predicted_ms']:.3f}", f"{r['gmacs']:.4f}", what)  # fmt: skip
         print("| " + " | ".join(cols) + " |" if markdown else "  ".join(f"{c:>14}" for c in cols))
 
@@ -476,11 +491,12 @@ def plot(rows: list[dict], data: dict, path: Path) -> Path | None:
     dense = data.get("dense_top1")
     if dense is not None:
         ax.scatter([dense_ms], [dense], marker="*", s=150, color="k", zorder=5, label="dense teacher")
-    for target in data["targets"].values():
+    for target in data["targets"].values() if data.get("budget") != "flops" else ():
         ax.axvline(target * dense_ms / data["dense_ms_at_start"], color="0.8", lw=0.8, ls=":", zorder=0)
     ax.set(xlabel=f"measured latency on {data['setting']['device']}, ms (ONNX, end to end)",
            ylabel="Fashion-MNIST test top-1 (%)", title="equal measured latency (dotted: the targets, rescaled "
-           "to this session's dense)")  # fmt: skip
+           "to this session's dense)" if data.get("budget") != "flops" else "plans at equal FLOPs (one point per "
+           "target), placed by their measured latency")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -497,6 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="local")
     ap.add_argument("--devices", default=None, help="devices.yaml (default: the project's)")
     ap.add_argument("--targets", default="0.55,0.7,0.85", type=lambda s: [float(v) for v in s.split(",")])
+    ap.add_argument("--budget", choices=sorted(PLANNING), default="latency",
+                    help="what --targets are shares of: the dense model's predicted latency, or its FLOPs")  # fmt: skip
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
@@ -523,6 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
     other = [c for c in args.contenders if c not in allowed]
     if other:
         ap.error(f"contender(s) {other} are not offered on {args.model} ({family.name}); choose from {allowed}")
+    if args.budget == "flops" and "smaller" in args.contenders:
+        ap.error("the smaller dense model is placed by measured latency: leave it out of a --budget flops run")
     suffix = "" if args.model == DATA_SETTINGS[DATA].model else f"_{args.model}"
     args.out = args.out or Path(f"runs/equal-latency{suffix.replace('_', '-')}")
     args.results = args.results or Path(__file__).parent / "results" / f"equal_latency{suffix}.json"

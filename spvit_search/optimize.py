@@ -36,6 +36,7 @@ from tqdm import tqdm
 from .data import build_dataset
 from .devices import DeviceConfig
 from .evaluate import PlanEvaluator
+from .flops import FlopsBudget
 from .latency import table_path
 from .measure import measure_models
 from .models import build_model, create_model, read_state, selector_blocks
@@ -92,6 +93,9 @@ class OptimizeSettings:
     #: model measured in the same interleaved session — a host whose speed drifts between the
     #: two measurements (this one's does, by 10–25%) cannot turn a fitting plan into a miss
     target_share: float | None = None
+    #: the budget as a share of the unpruned model's FLOPs instead (:class:`~spvit_search.flops.FlopsBudget`):
+    #: nothing is measured (a FLOPs count is the same on every device); latency is still predicted
+    target_flops: float | None = None
     tables: str = "latency_tables"
     progress: bool = True
 
@@ -115,6 +119,7 @@ class OptimizeResult:
     measurements: int = 0  # whole-model measurements on the device (drift check, candidates, references)
     warning: str | None = None  # e.g. a flat objective: the plan was chosen by the tie-break alone
     anchor_ms: float | None = None  # the unpruned model's latency this session (SessionMeasurements.anchor_ms)
+    flops_share: float | None = None  # under a FLOPs budget: the plan's FLOPs as a share of the unpruned model's
 
 
 def _space(settings: OptimizeSettings, layout: ModelLayout, trained_locations: tuple[int, ...] | None,
@@ -178,15 +183,24 @@ def _worker_argv(argv: list[str]) -> list[str]:
 def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings, worker_argv: list[str] | None = None,
               worker_only: bool = False):  # fmt: skip
     """Build everything and run the trials of this process; returns (study, latency, model, space, evaluator,
-    fastest_ms, dense_check): the last is None without a drift check."""
+    fastest_ms, dense_check, flops): dense_check is None without a drift check, flops without a FLOPs budget."""
     model, trained, proxy = load_search_model(model_name, settings)
     latency = PlanLatency.for_device(device, model, model_name, root=settings.tables, methods=settings.methods)
-    if settings.target_share is not None:
+    flops = None
+    if settings.target_flops is not None:
+        if settings.target_ms is not None or settings.target_share is not None:
+            raise SearchError("give one budget: a FLOPs share, or a latency (target_ms or target_share)")
+        try:
+            flops = FlopsBudget(model_name, settings.target_flops)
+        except ValueError as err:
+            raise SearchError(str(err)) from None
+        settings.verify_top = 0  # a FLOPs count is the device's as much as any other's: nothing to verify
+    elif settings.target_share is not None:
         if not 0.0 < settings.target_share < 1.0:
             raise SearchError(f"target share {settings.target_share:g} must lie strictly between 0 and 1")
         settings.target_ms = _share_in_ms(settings.target_share, latency, model_name)
     elif settings.target_ms is None:
-        raise SearchError("give a target: target_ms, or target_share of the unpruned model")
+        raise SearchError("give a target: target_ms, target_share of the unpruned model, or target_flops")
     space = _space(settings, latency.layout, trained, proxy)
     dense_check = None
     if settings.drift_check and settings.verify_top > 0 and not worker_only:
@@ -194,7 +208,15 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         if settings.target_share is not None:  # the share of the unpruned model as measured now
             settings.target_ms = round(settings.target_share * dense_check["measured_ms"], 4)
     fastest_ms, fastest = space.fastest(latency)
-    if settings.target_ms < fastest_ms:
+    if flops is not None:
+        cheapest, plan = space.cheapest(flops.of)
+        if flops.share < cheapest:
+            raise SearchError(
+                f"a FLOPs budget of {flops.share:g} of the unpruned model is below the smallest in the space, "
+                f"{cheapest:.3f} ({plan.method} keep={list(plan.keep)} at {list(plan.locations)}); "
+                "lower --min-keep-factor"
+            )
+    elif settings.target_ms < fastest_ms:
         raise SearchError(
             f"target {settings.target_ms:g} ms is below the minimum achievable {fastest_ms:.2f} ms on {device.name} "
             f"({fastest.method} keep={list(fastest.keep)} at {list(fastest.locations)}); "
@@ -204,11 +226,9 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         raise SearchError("--workers needs a shared --storage: journal:FILE, sqlite:///FILE or a PostgreSQL URL")
     images, labels = calibration_tensors(settings.data, settings.calib_images, model)
     evaluator = PlanEvaluator(model, images, labels if settings.objective == "accuracy" else None, space.first_block)
-    name = (
-        settings.study
-        or f"{model_name}-{device.name}-t{device.threads}-{settings.target_ms:g}ms-{'+'.join(settings.methods)}"
-        + (f"-by-{proxy}" if proxy else "")
-    )
+    budget = f"{settings.target_flops:g}flops" if flops else f"{settings.target_ms:g}ms"
+    by = f"-by-{proxy}" if proxy else ""
+    name = settings.study or f"{model_name}-{device.name}-t{device.threads}-{budget}-{'+'.join(settings.methods)}{by}"
     storage = open_storage(settings.storage, settings.heartbeat_s)
     study = create_study(name, storage, settings.multi_objective, settings.sampler, settings.seed)
     if not worker_only:  # this session's factor (1 without a check), not a resumed study's old one
@@ -216,7 +236,8 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         publish_drift(study, latency)
         publish_budget(study, settings.target_ms)
         study.set_user_attr("calib_images", len(images))  # how finely its accuracies can rank plans
-    objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective)
+    objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective,
+                               flops)  # fmt: skip
 
     helpers = []
     if settings.workers > 1 and worker_argv is not None:
@@ -242,7 +263,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     if not worker_only:  # rank only once every trial has ended: a dead worker's is retried here
         settle(study, lambda n: study.optimize(objective, n_trials=n, catch=()))
     bar.close()
-    return study, latency, model, space, evaluator, fastest_ms, dense_check
+    return study, latency, model, space, evaluator, fastest_ms, dense_check, flops
 
 
 def check_drift(latency: PlanLatency, model_name: str, device: DeviceConfig, settings: OptimizeSettings,
@@ -508,12 +529,14 @@ def _unpruned(model_name: str, settings: OptimizeSettings, plan: PruningPlan):
 def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, out: str | Path = "plan.yaml",
              worker_argv: list[str] | None = None) -> OptimizeResult:  # fmt: skip
     start = time.perf_counter()
-    study, latency, model, space, evaluator, fastest_ms, dense_check = run_study(model_name, device, settings,
-                                                                                 worker_argv)  # fmt: skip
+    study, latency, model, space, evaluator, fastest_ms, dense_check, flops = run_study(
+        model_name, device, settings, worker_argv
+    )
     counts = _counts(study)
-    ranked = feasible_ranked(study, settings.target_ms, latency, model_name)
+    ranked = feasible_ranked(study, settings.target_ms, latency, model_name, flops)
     if not ranked:
-        raise SearchError(f"no evaluated plan meets {settings.target_ms:g} ms after {counts['trials']} trials; "
+        budget = f"{flops.share:g} of the FLOPs" if flops else f"{settings.target_ms:g} ms"
+        raise SearchError(f"no evaluated plan meets {budget} after {counts['trials']} trials; "
                           "run more --trials or relax the target")  # fmt: skip
     if settings.verify_top > 0:
         candidates, chosen = [], None
@@ -557,7 +580,8 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
                           stale=dense_check["ratio"] if dense_check else _staleness(candidates, settings),
                           measurements=evidence.count,
                           anchor_ms=evidence.anchor_ms() if evidence.references else None,
-                          warning=flat_objective(study, settings.objective))  # fmt: skip
+                          warning=flat_objective(study, settings.objective),
+                          flops_share=flops.of(plan) if flops else None)  # fmt: skip
 
 
 def _staleness(candidates: list[dict], settings: OptimizeSettings) -> float:
@@ -604,7 +628,8 @@ def plot_trials(result: OptimizeResult, settings: OptimizeSettings, path: str | 
             line.append((ms, acc))
     if line:
         ax.step([p[0] for p in line], [p[1] for p in line], where="post", color="C2", lw=1, label="Pareto front")
-    ax.axvline(settings.target_ms, color="C3", ls="--", lw=1, label=f"target {settings.target_ms:g} ms")
+    if settings.target_ms is not None:  # a FLOPs budget has no line on the latency axis
+        ax.axvline(settings.target_ms, color="C3", ls="--", lw=1, label=f"target {settings.target_ms:g} ms")
     for c in result.candidates:
         ax.scatter([c["measured_ms"]], [c["accuracy"]], marker="D", s=30, facecolors="none",
                    edgecolors="C3" if c["over_target"] else "C1")  # fmt: skip

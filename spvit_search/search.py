@@ -4,7 +4,8 @@ Search space: one keep *factor* per stage on a grid (``step``), their running pr
 the cumulative keep ratios (non-increasing by construction); optionally the selector
 locations and the method (training-free methods only: learned selectors sit where they were
 trained). Latency is a constraint, ``predicted − target`` set on the trial *before* anything
-is evaluated, so an infeasible trial costs no accuracy evaluation. The objective is accuracy
+is evaluated, so an infeasible trial costs no accuracy evaluation (or, with a FLOPs budget, the
+plan's FLOPs share minus the budget's: :class:`~spvit_search.flops.FlopsBudget`). The objective is accuracy
 on calibration images (:class:`~spvit_search.evaluate.PlanEvaluator`); plans already scored
 are reused (also across workers and machines: :mod:`~spvit_search.sharing`); a first subset of
 the images reports an intermediate value and hopeless trials are pruned. Multi-objective mode maximises accuracy and
@@ -24,6 +25,7 @@ import optuna
 
 from .errors import SpvitError
 from .evaluate import PlanEvaluator, plan_key
+from .flops import FlopsBudget
 from .plan import METHODS, PruningPlan
 from .predictor import PlanLatency
 from .pruning.layout import ModelLayout
@@ -102,14 +104,18 @@ class SearchSpace:
 
     def fastest(self, latency: PlanLatency) -> tuple[float, PruningPlan]:
         """The lowest predicted latency in the space (every factor at its minimum)."""
+        return self.cheapest(lambda plan: latency.predict(plan).total_ms)
+
+    def cheapest(self, cost: Callable[[PruningPlan], float]) -> tuple[float, PruningPlan]:
+        """The lowest ``cost`` (latency, a FLOPs share) in the space: every factor at its minimum."""
         best = None
         for locations in self.location_sets:
             keep = self.keep_of(locations, [self.min_factor] * len(locations))
             for method in self.methods:
                 plan = PruningPlan(locations=locations, keep=keep, method=method)
-                ms = latency.predict(plan).total_ms
-                if best is None or ms < best[0]:
-                    best = (ms, plan)
+                spent = cost(plan)
+                if best is None or spent < best[0]:
+                    best = (spent, plan)
         return best
 
 
@@ -131,8 +137,11 @@ def create_study(name: str, storage, multi_objective: bool, sampler: str = "tpe"
 
 def make_objective(
     space: SearchSpace, latency: PlanLatency, evaluator: PlanEvaluator, target_ms: float | None, model_name: str,
-    multi_objective: bool,
+    multi_objective: bool, flops: FlopsBudget | None = None,
 ) -> Callable[[optuna.Trial], float | Sequence[float]]:  # fmt: skip
+    """The trial's objective. The budget is ``target_ms`` of predicted latency, or with ``flops`` a
+    share of the unpruned model's FLOPs (the latency is still predicted and recorded)."""
+
     def objective(trial: optuna.Trial):
         trial.set_user_attr("pid", os.getpid())  # first: a dead worker's trial is told by its owner
         trial.set_user_attr("host", socket.gethostname())
@@ -148,11 +157,16 @@ def make_objective(
         trial.set_user_attr("locations", list(plan.locations))
         trial.set_user_attr("method", plan.method)
         trial.set_user_attr("predicted_ms", predicted)
-        if target is not None:
-            trial.set_constraint("latency_ms", predicted - target)
-            if predicted > target:  # infeasible: no accuracy evaluation at all
-                trial.set_user_attr("evaluated", False)
-                return (0.0, predicted) if multi_objective else 0.0
+        over = None
+        if flops is not None:
+            share = flops.of(plan)
+            trial.set_user_attr("flops_share", share)
+            trial.set_constraint("flops_share", over := share - flops.share)
+        elif target is not None:
+            trial.set_constraint("latency_ms", over := predicted - target)
+        if over is not None and over > 0:  # infeasible: no accuracy evaluation at all
+            trial.set_user_attr("evaluated", False)
+            return (0.0, predicted) if multi_objective else 0.0
         earlier = claim(trial, plan_key(plan))
         if earlier is not None:
             trial.set_user_attr("duplicate_of", earlier.number)
@@ -167,6 +181,8 @@ def make_objective(
         # Among equally accurate plans, the one that uses more of the budget: a bonus far below
         # one image's worth of accuracy, so it only orders ties — and once accuracy saturates
         # it still gives TPE a direction (towards the target) instead of none.
+        if flops is not None:
+            return accuracy + TIE_BONUS * share / flops.share
         return accuracy + TIE_BONUS * predicted / target if target else accuracy
 
     return objective
@@ -218,9 +234,11 @@ def rank_within_noise(items: list, accuracy: Callable, latency_ms: Callable, ima
     return tied + rest
 
 
-def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanLatency, model_name: str):
+def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanLatency, model_name: str,
+                    flops: FlopsBudget | None = None):  # fmt: skip
     """Evaluated feasible trials ranked by :func:`rank_within_noise`, one per plan; predictions
-    re-made with the table's current calibration and drift (they may have changed)."""
+    re-made with the table's current calibration and drift (they may have changed). Under a
+    FLOPs budget, feasible by FLOPs, and ties ordered by FLOPs (the plan keeping more first)."""
     seen, feasible = set(), []
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.user_attrs.get("evaluated")]  # fmt: skip
@@ -230,8 +248,12 @@ def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanL
             continue
         seen.add(key)
         plan = trial_plan(t, model_name)
+        if flops is not None:
+            if flops.of(plan) <= flops.share:
+                feasible.append((t, plan, latency.predict(plan).total_ms))
+            continue
         predicted = latency.predict(plan).total_ms
         if target_ms is None or predicted <= target_ms:
             feasible.append((t, plan, predicted))
-    return rank_within_noise(feasible, lambda r: trial_accuracy(r[0]), lambda r: r[2],
-                             study.user_attrs.get("calib_images"))  # fmt: skip
+    spent = (lambda r: flops.of(r[1])) if flops is not None else (lambda r: r[2])
+    return rank_within_noise(feasible, lambda r: trial_accuracy(r[0]), spent, study.user_attrs.get("calib_images"))

@@ -62,6 +62,28 @@ def test_harness_measures_every_contender_and_resumes(tmp_path):
     assert bad.returncode == 2 and "unknown contender(s) ['magic']" in bad.stderr
 
 
+def test_a_flops_budget_places_every_plan_by_flops_and_still_measures_them(tmp_path):
+    """--budget flops: each target a share of the dense model's FLOPs (optimize --target-flops), the
+    same on any host; the cells are measured as in a latency run, and reported with their FLOPs."""
+    args = ["--budget", "flops", "--seeds", "0", "--targets", "0.7", "--epochs", "1", "--finetune-subset", "128",
+            "--trials", "16", "--contenders", "evit-free,spvit", "--rounds", "3", "--profile-rounds", "3",
+            "--jobs", "1", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results.json")]  # fmt: skip
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["budget"] == "flops" and data["setting"]["planning"] == "share of the dense model's FLOPs"
+    assert "dense_ms_at_start" not in data  # no latency target was set
+    for key in ("0.7/evit", "0.7/spvit"):
+        entry = data["plans"][key]
+        assert entry["flops_share"] <= 0.7 and entry["budget_ms"] is None, entry
+    for key, cell in data["cells"].items():  # the trained model's count: the plan's share of 0.0409 GMACs
+        assert cell["gmacs"] <= 0.7 * 0.0409 + 1e-4 and cell["measured_ms"] > 0, key
+    table = _run(*args, "--summary-only", "--markdown")
+    assert table.returncode == 0 and "| 70% FLOPs | spvit | 1 |" in table.stdout
+    refused = _run("--budget", "flops", "--contenders", "smaller,evit", "--summary-only")
+    assert refused.returncode == 2 and "placed by measured latency" in refused.stderr
+
+
 def test_harness_trains_a_swin_teacher_and_runs_the_families_contenders(tmp_path):
     """A model without a shipped teacher: one is trained first (recorded, reused on a rerun); Swin's
     training-free ``norm`` places ``spvit``; contenders the family does not offer are refused.
@@ -105,7 +127,7 @@ def test_a_plan_keeps_the_stages_of_every_grid(tmp_path, monkeypatch):
 
     args = argparse.Namespace(out=tmp_path / "out", devices=None, device="local", results=tmp_path / "r.json",
                               model="pit_demo_fashion", teacher_epochs=1, teacher_subset=256, stages=None, epochs=1,
-                              finetune_subset=128, trials=4)  # fmt: skip
+                              finetune_subset=128, trials=4, budget="latency")  # fmt: skip
     harness = Harness(args)
     plan = {"model": "pit_demo_fashion", "locations": [1, 2, 5], "keep": [0.35, 0.1225, 0.3], "method": "evit"}
     harness.results.data["plans"] = {"0.8/evit": {"plan": plan}}

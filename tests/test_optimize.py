@@ -110,6 +110,33 @@ def test_a_learned_method_on_a_plain_checkpoint_is_placed_by_the_evit_proxy(tmp_
     assert PlanEvaluator(model, images, labels, 0).evaluate(proxy) == pytest.approx(summary["accuracy"])
 
 
+def test_a_flops_budget_places_the_plan_by_counted_flops_and_measures_nothing(tmp_path, demo):
+    """--target-flops: feasibility is the plan's FLOPs as it runs (spvit: with its selector MLPs)."""
+    out = tmp_path / "plan.yaml"
+    done = CliRunner().invoke(main, _args(demo, "--method", "spvit", "--target-flops", "0.7", "--trials", "30",
+                                          "--storage", f"journal:{tmp_path / 'study.log'}", "--study", "f",
+                                          "--out", str(out), "--json"))  # fmt: skip
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output)
+    plan = sp.PruningPlan.load(out)
+    dense = sp.count_flops(build_model(MODEL)).macs
+    share = sp.count_flops(sp.prune(build_model(MODEL), plan)).macs / dense
+    assert plan.method == "spvit" and summary["scored_by"] == "evit"
+    assert summary["flops_share"] == pytest.approx(share) and share <= 0.7
+    # verify-top's default of 3 does not apply: a FLOPs count has nothing to measure on a device
+    assert summary["measured_ms"] is None and summary["candidates"] == [] and summary["measurements"] == 0
+    trials = [t for t in _load(tmp_path / "study.log", "f").trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert {t.user_attrs["evaluated"] for t in trials} == {True, False}  # both sides of the budget were tried
+    for t in trials:
+        assert t.user_attrs["evaluated"] == (t.user_attrs["flops_share"] <= 0.7)
+
+    runner = CliRunner()
+    small = runner.invoke(main, _args(demo, "--target-flops", "0.05", "--trials", "5"))
+    assert small.exit_code == 2 and "below the smallest in the space" in small.output
+    both = runner.invoke(main, _args(demo, "--target-flops", "0.7", "--target-ms", "1"))
+    assert both.exit_code == 2 and "--target-ms and --target-flops" in both.output
+
+
 def test_optimize_merges_tokens_with_tome_on_a_plain_checkpoint(tmp_path, demo):
     runner = CliRunner()
     args = _args(demo, "--method", "tome", "--trials", "30", "--verify-top", "0",

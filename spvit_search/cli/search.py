@@ -31,6 +31,9 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @click.option("--target-share", type=float, default=None,
               help="budget as a share of the unpruned model, e.g. 0.7: judged against it measured in the same "
                    "session as each candidate (robust to a device whose speed drifts)")  # fmt: skip
+@click.option("--target-flops", type=float, default=None,
+              help="budget as a share of the unpruned model's FLOPs, e.g. 0.7: the same on every device, so "
+                   "nothing is measured (latency is still predicted)")  # fmt: skip
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="plain (evit) or fine-tuned weights")
 @click.option("--data", default="demo", show_default=True, help="calibration images: 'demo' or an ImageFolder root")
 @click.option("--calib-images", type=int, default=256, show_default=True)
@@ -70,19 +73,22 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @devices_option
 @click.pass_context
 @user_errors
-def optimize(ctx, device_name, model_name, target_ms, targets, target_share, checkpoint, data, calib_images,
-             objective, methods, locations, search_locations, stages, trials, min_keep_factor, step, storage,
-             study_name, workers, heartbeat_s, sampler, seed, multi_objective, proxy, verify_top, threads, tables, out,
-             plot_file, as_json, drift_check, worker, devices_file):  # fmt: skip
+def optimize(ctx, device_name, model_name, target_ms, targets, target_share, target_flops, checkpoint, data,
+             calib_images, objective, methods, locations, search_locations, stages, trials, min_keep_factor, step,
+             storage, study_name, workers, heartbeat_s, sampler, seed, multi_objective, proxy, verify_top, threads,
+             tables, out, plot_file, as_json, drift_check, worker, devices_file):  # fmt: skip
     """Search keep ratios that meet the target on DEVICE with the best accuracy; write plan.yaml."""
     from pathlib import Path
 
     from ..optimize import OptimizeSettings, run_study
     from ..optimize import optimize as run_optimize
 
-    if targets is None and (target_ms is None) == (target_share is None):
+    given = [o for o, v in (("--target-ms", target_ms), ("--target-share", target_share),
+                            ("--target-flops", target_flops)) if v is not None]  # fmt: skip
+    if targets is None and len(given) != 1:
         raise click.UsageError("give one target: --target-ms (absolute), --target-share (of the unpruned model), "
-                               "or several in ms with --targets")  # fmt: skip
+                               "--target-flops (a share of its FLOPs) or several in ms with --targets"
+                               + (f"; got {' and '.join(given)}" if given else ""))  # fmt: skip
     if methods is None or proxy is None:
         from ..models import create_model
         from ..pruning import UnsupportedModelError, family_for
@@ -103,6 +109,7 @@ def optimize(ctx, device_name, model_name, target_ms, targets, target_share, che
         stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
         workers=workers, heartbeat_s=heartbeat_s, sampler=sampler, seed=None if worker else seed,
         multi_objective=multi_objective, proxy=proxy, verify_top=verify_top, target_share=target_share,
+        target_flops=target_flops,
         tables=tables, progress=not as_json, drift_check=drift_check,
     )  # fmt: skip
     argv = [a for a in sys.argv[1:] if a != "--worker"]
@@ -114,9 +121,9 @@ def optimize(ctx, device_name, model_name, target_ms, targets, target_share, che
         click.echo(f"worker: ran {ran} trial(s) of study {study.study_name!r}", err=True)
         return
     budgets = [None] if targets is None else parse_list(targets, float, "--targets")
-    if targets is not None and (target_ms is not None or target_share is not None or workers > 1):
-        raise click.UsageError("--targets runs one search per target: give it instead of --target-ms/--target-share, "
-                               "without --workers")  # fmt: skip
+    if targets is not None and (given or workers > 1):
+        raise click.UsageError("--targets runs one search per target: give it instead of --target-ms/--target-share/"
+                               "--target-flops, without --workers")  # fmt: skip
     summaries = []
     for budget in budgets:
         each, plan_out, plot_out = settings, out, plot_file
@@ -137,8 +144,9 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
     from ..optimize import plot_trials
 
     target_ms = settings.target_ms  # with --target-share: the budget the chosen plan was measured against
+    target = f"{target_ms:g} ms" if target_ms is not None else f"{settings.target_flops:g} of the unpruned FLOPs"
     png = plot_trials(result, settings, plot_file or Path(out).with_suffix(".png"),
-                      f"{model_name} on {device.name}, target {target_ms:g} ms")  # fmt: skip
+                      f"{model_name} on {device.name}, target {target}")  # fmt: skip
     plan = result.plan
     summary = {
         "plan_file": str(out), "plot": str(png), "plan": plan.to_dict(), "accuracy": result.accuracy,
@@ -147,6 +155,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         "candidates": result.candidates, "scored_by": result.proxy or plan.method, "drift": result.drift,
         "table_off_by": round(result.stale, 4), "measurements": result.measurements,
         "unpruned_session_ms": result.anchor_ms,
+        "target_flops": settings.target_flops, "flops_share": result.flops_share,
         "warning": result.warning,
     }  # fmt: skip
     if multi_objective:
@@ -164,9 +173,14 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
     if result.proxy:
         click.echo(f"  placed with {result.proxy}'s training-free scores (the checkpoint has no trained selectors); "
                    f"fine-tune {plan.method} at this plan: spvit-search finetune --plan {out}")  # fmt: skip
-    click.echo(f"  target {target_ms:g} ms | predicted {result.predicted_ms:.3f} ms | {measured} "
-               f"on {device.name} ({device.runtime}, {device.threads} thread(s)); fastest possible "
-               f"{result.fastest_ms:.3f} ms")  # fmt: skip
+    if result.flops_share is not None:
+        click.echo(f"  target {target} | the plan's FLOPs {result.flops_share:.3f} of the unpruned model's")
+        click.echo(f"  predicted {result.predicted_ms:.3f} ms on {device.name} ({device.runtime}, {device.threads} "
+                   "thread(s)); not measured: a FLOPs budget has nothing to verify on a device")  # fmt: skip
+    else:
+        click.echo(f"  target {target} | predicted {result.predicted_ms:.3f} ms | {measured} "
+                   f"on {device.name} ({device.runtime}, {device.threads} thread(s)); fastest possible "
+                   f"{result.fastest_ms:.3f} ms")  # fmt: skip
     click.echo(f"  {c['trials']} trials: {c['evaluated']} evaluated, {c['duplicates']} duplicates reused, "
                f"{c['pruned']} pruned early, {c['infeasible']} infeasible (not evaluated); "
                f"{result.seconds:.1f} s")  # fmt: skip
