@@ -85,15 +85,16 @@ class FlopsBudget:
         self.share = share
         self._model = build_model(model_name).eval()
         self.dense_macs = count_flops(self._model).macs
-        self._counted: dict[tuple, float] = {}
+        self._counted: dict[str, float] = {}
 
     def of(self, plan) -> float:
         """The plan's MACs as a share of the unpruned model's."""
         import copy
 
+        from .evaluate import plan_key
         from .pruning import prune
 
-        key = (plan.method, plan.locations, plan.keep, plan.package_token)
+        key = plan_key(plan)
         if key not in self._counted:
             self._counted[key] = count_flops(prune(copy.deepcopy(self._model), plan)).macs / self.dense_macs
         return self._counted[key]
