@@ -42,7 +42,7 @@ from .measure import measure_models
 from .models import build_model, create_model, read_state, selector_blocks
 from .plan import METHODS, PruningPlan
 from .predictor import PlanLatency
-from .pruning import prune
+from .pruning import AdaptiveCount, UnsupportedModelError, prune, set_adaptive
 from .pruning.layout import ModelLayout
 from .search import (
     SearchError,
@@ -96,6 +96,11 @@ class OptimizeSettings:
     #: the budget as a share of the unpruned model's FLOPs instead (:class:`~spvit_search.flops.FlopsBudget`):
     #: nothing is measured (a FLOPs count is the same on every device); latency is still predicted
     target_flops: float | None = None
+    #: per-image (adaptive) counts (:mod:`spvit_search.pruning.adaptive`, trained selectors of a flat
+    #: ViT): the budget is ``target_ms`` at this percentile of the calibration images' predicted
+    #: latencies, each predicted from the counts that image kept; ``adaptive_scale`` is its scale
+    percentile: float | None = None
+    adaptive_scale: float = 1.0
     tables: str = "latency_tables"
     progress: bool = True
 
@@ -120,6 +125,9 @@ class OptimizeResult:
     warning: str | None = None  # e.g. a flat objective: the plan was chosen by the tie-break alone
     anchor_ms: float | None = None  # the unpruned model's latency this session (SessionMeasurements.anchor_ms)
     flops_share: float | None = None  # under a FLOPs budget: the plan's FLOPs as a share of the unpruned model's
+    #: adaptive counts (``percentile``): the plan's predicted mean / p50 / percentile over the calibration
+    #: images, its fixed-count prediction, and the mean count per stage
+    adaptive: dict | None = None
 
 
 def _space(settings: OptimizeSettings, layout: ModelLayout, trained_locations: tuple[int, ...] | None,
@@ -201,6 +209,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         settings.target_ms = _share_in_ms(settings.target_share, latency, model_name)
     elif settings.target_ms is None:
         raise SearchError("give a target: target_ms, target_share of the unpruned model, or target_flops")
+    adaptive = _adaptive_setting(settings, model, trained, flops)
     space = _space(settings, latency.layout, trained, proxy)
     dense_check = None
     if settings.drift_check and settings.verify_top > 0 and not worker_only:
@@ -208,6 +217,9 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         if settings.target_share is not None:  # the share of the unpruned model as measured now
             settings.target_ms = round(settings.target_share * dense_check["measured_ms"], 4)
     fastest_ms, fastest = space.fastest(latency)
+    if adaptive is not None:  # every image at the fewest tokens the fastest plan allows
+        fastest = fastest.replace(keep=tuple(k * adaptive.min_factor for k in fastest.keep))
+        fastest_ms = latency.predict(fastest).total_ms
     if flops is not None:
         cheapest, plan = space.cheapest(flops.of)
         if flops.share < cheapest:
@@ -225,8 +237,11 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
     if settings.workers > 1 and settings.storage is None:
         raise SearchError("--workers needs a shared --storage: journal:FILE, sqlite:///FILE or a PostgreSQL URL")
     images, labels = calibration_tensors(settings.data, settings.calib_images, model)
-    evaluator = PlanEvaluator(model, images, labels if settings.objective == "accuracy" else None, space.first_block)
+    evaluator = PlanEvaluator(model, images, labels if settings.objective == "accuracy" else None, space.first_block,
+                              adaptive=adaptive)  # fmt: skip
     budget = f"{settings.target_flops:g}flops" if flops else f"{settings.target_ms:g}ms"
+    if adaptive is not None:
+        budget += f"-p{settings.percentile:g}-scale{adaptive.scale:g}"
     by = f"-by-{proxy}" if proxy else ""
     name = settings.study or f"{model_name}-{device.name}-t{device.threads}-{budget}-{'+'.join(settings.methods)}{by}"
     storage = open_storage(settings.storage, settings.heartbeat_s)
@@ -237,7 +252,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         publish_budget(study, settings.target_ms)
         study.set_user_attr("calib_images", len(images))  # how finely its accuracies can rank plans
     objective = make_objective(space, latency, evaluator, settings.target_ms, model_name, settings.multi_objective,
-                               flops)  # fmt: skip
+                               flops, settings.percentile)  # fmt: skip
 
     helpers = []
     if settings.workers > 1 and worker_argv is not None:
@@ -264,6 +279,30 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         settle(study, lambda n: study.optimize(objective, n_trials=n, catch=()))
     bar.close()
     return study, latency, model, space, evaluator, fastest_ms, dense_check, flops
+
+
+def _adaptive_setting(settings: OptimizeSettings, model, trained: tuple[int, ...] | None,
+                      flops: FlopsBudget | None) -> AdaptiveCount | None:  # fmt: skip
+    """The per-image counts a ``percentile`` budget is searched with, after checking they apply."""
+    if settings.percentile is None:
+        return None
+    if not 0.0 < settings.percentile <= 100.0:
+        raise SearchError(f"percentile {settings.percentile:g} must lie in (0, 100]")
+    if flops is not None:
+        raise SearchError("a percentile is of latency: give --target-ms or --target-share with it, not --target-flops")
+    if trained is None:
+        raise SearchError("a percentile budget runs per-image counts from trained selectors: give a fine-tuned "
+                          "spvit or hard --checkpoint")  # fmt: skip
+    try:
+        adaptive = AdaptiveCount(scale=settings.adaptive_scale)
+        plan = PruningPlan(locations=trained, keep=(1.0,) * len(trained), method=settings.methods[0])
+        set_adaptive(prune(model, plan), adaptive)
+    except (ValueError, UnsupportedModelError) as err:
+        raise SearchError(str(err)) from None
+    # Verifying a percentile would need each calibration image fed to the adaptive file on the
+    # device; the device backends measure one generated input per file (README, adaptive counts).
+    settings.verify_top = 0
+    return adaptive
 
 
 def check_drift(latency: PlanLatency, model_name: str, device: DeviceConfig, settings: OptimizeSettings,
@@ -533,7 +572,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
         model_name, device, settings, worker_argv
     )
     counts = _counts(study)
-    ranked = feasible_ranked(study, settings.target_ms, latency, model_name, flops)
+    ranked = feasible_ranked(study, settings.target_ms, latency, model_name, flops, settings.percentile)
     if not ranked:
         budget = f"{flops.share:g} of the FLOPs" if flops else f"{settings.target_ms:g} ms"
         raise SearchError(f"no evaluated plan meets {budget} after {counts['trials']} trials; "
@@ -566,7 +605,15 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     else:
         candidates, (trial, plan, _) = [], ranked[0]
         accuracy, measured, evidence = trial_accuracy(trial), None, SessionMeasurements()
-    predicted = latency.predict(plan).total_ms
+    predicted, adaptive = latency.predict(plan).total_ms, None
+    if settings.percentile is not None:  # the budget's figure: the percentile over the calibration images
+        a = trial.user_attrs
+        predicted = a["predicted_ms"]
+        adaptive = {"percentile": settings.percentile, "scale": settings.adaptive_scale,
+                    f"predicted_p{settings.percentile:g}_ms": round(predicted, 4),
+                    "predicted_p50_ms": round(a["predicted_p50_ms"], 4),
+                    "predicted_mean_ms": round(a["predicted_mean_ms"], 4), "fixed_counts_ms": round(a["fixed_ms"], 4),
+                    "mean_counts": a["mean_counts"]}  # fmt: skip
     table = table_path(settings.tables, device.name, device.runtime, device.threads, device.batch)
     plan = plan.replace(
         model=model_name, device=device.name, target_ms=settings.target_ms, predicted_ms=round(predicted, 4),
@@ -581,7 +628,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
                           measurements=evidence.count,
                           anchor_ms=evidence.anchor_ms() if evidence.references else None,
                           warning=flat_objective(study, settings.objective),
-                          flops_share=flops.of(plan) if flops else None)  # fmt: skip
+                          flops_share=flops.of(plan) if flops else None, adaptive=adaptive)  # fmt: skip
 
 
 def _staleness(candidates: list[dict], settings: OptimizeSettings) -> float:

@@ -10,6 +10,10 @@ on calibration images (:class:`~spvit_search.evaluate.PlanEvaluator`); plans alr
 are reused (also across workers and machines: :mod:`~spvit_search.sharing`); a first subset of
 the images reports an intermediate value and hopeless trials are pruned. Multi-objective mode maximises accuracy and
 minimises predicted latency (Pareto front).
+
+With per-image (adaptive) counts the budget is a *percentile* of the latency over the calibration
+images: each image's latency is predicted from the counts it kept (``PlanLatency.predict_counts``),
+so the constraint is known only once the plan has been scored, and it is set then.
 """
 
 from __future__ import annotations
@@ -137,10 +141,12 @@ def create_study(name: str, storage, multi_objective: bool, sampler: str = "tpe"
 
 def make_objective(
     space: SearchSpace, latency: PlanLatency, evaluator: PlanEvaluator, target_ms: float | None, model_name: str,
-    multi_objective: bool, flops: FlopsBudget | None = None,
+    multi_objective: bool, flops: FlopsBudget | None = None, percentile: float | None = None,
 ) -> Callable[[optuna.Trial], float | Sequence[float]]:  # fmt: skip
     """The trial's objective. The budget is ``target_ms`` of predicted latency, or with ``flops`` a
-    share of the unpruned model's FLOPs (the latency is still predicted and recorded)."""
+    share of the unpruned model's FLOPs (the latency is still predicted and recorded), or with
+    ``percentile`` (an evaluator with adaptive counts) ``target_ms`` at that percentile of the
+    calibration images' predicted latencies: ``predicted_ms`` is then that percentile."""
 
     def objective(trial: optuna.Trial):
         trial.set_user_attr("pid", os.getpid())  # first: a dead worker's trial is told by its owner
@@ -162,7 +168,7 @@ def make_objective(
             share = flops.of(plan)
             trial.set_user_attr("flops_share", share)
             trial.set_constraint("flops_share", over := share - flops.share)
-        elif target is not None:
+        elif target is not None and percentile is None:
             trial.set_constraint("latency_ms", over := predicted - target)
         if over is not None and over > 0:  # infeasible: no accuracy evaluation at all
             trial.set_user_attr("evaluated", False)
@@ -174,6 +180,13 @@ def make_objective(
         else:
             report = None if multi_objective else _pruning_report(trial)
             accuracy = evaluator.evaluate(space.scored_plan(plan), report)
+        if percentile is not None and target is not None:
+            counts = None if earlier is not None else evaluator.counts[plan_key(space.scored_plan(plan))]
+            predicted = _percentile_ms(trial, earlier, latency, plan, counts, percentile)
+            trial.set_constraint("latency_ms", over := predicted - target)
+            if over > 0:  # scored, but over the budget at that percentile
+                trial.set_user_attr("evaluated", False)
+                return (0.0, predicted) if multi_objective else 0.0
         trial.set_user_attr("evaluated", True)
         trial.set_user_attr("accuracy", accuracy)
         if multi_objective:
@@ -186,6 +199,26 @@ def make_objective(
         return accuracy + TIE_BONUS * predicted / target if target else accuracy
 
     return objective
+
+
+def _percentile_ms(trial: optuna.Trial, earlier, latency: PlanLatency, plan: PruningPlan, counts: np.ndarray | None,
+                   percentile: float) -> float:  # fmt: skip
+    """The adaptive plan's predicted latency at ``percentile`` over the scored images (an earlier
+    trial's, for a duplicate), recorded with the fixed-count prediction and the mean beside it."""
+    if earlier is not None:
+        attrs = earlier.user_attrs
+        for name in ("fixed_ms", "predicted_mean_ms", "predicted_p50_ms", "mean_counts"):
+            trial.set_user_attr(name, attrs[name])
+        ms = attrs["predicted_ms"]
+    else:
+        per_image = latency.predict_counts(plan, counts)
+        trial.set_user_attr("fixed_ms", trial.user_attrs["predicted_ms"])
+        trial.set_user_attr("predicted_mean_ms", float(per_image.mean()))
+        trial.set_user_attr("predicted_p50_ms", float(np.percentile(per_image, 50)))
+        trial.set_user_attr("mean_counts", [round(float(c), 2) for c in counts.mean(axis=0)])
+        ms = float(np.percentile(per_image, percentile))
+    trial.set_user_attr("predicted_ms", ms)
+    return ms
 
 
 TIE_BONUS = 1e-3  # accuracy points, at the target; calibration sets are far smaller than 10⁵ images
@@ -235,10 +268,12 @@ def rank_within_noise(items: list, accuracy: Callable, latency_ms: Callable, ima
 
 
 def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanLatency, model_name: str,
-                    flops: FlopsBudget | None = None):  # fmt: skip
+                    flops: FlopsBudget | None = None, percentile: float | None = None):  # fmt: skip
     """Evaluated feasible trials ranked by :func:`rank_within_noise`, one per plan; predictions
     re-made with the table's current calibration and drift (they may have changed). Under a
-    FLOPs budget, feasible by FLOPs, and ties ordered by FLOPs (the plan keeping more first)."""
+    FLOPs budget, feasible by FLOPs, and ties ordered by FLOPs (the plan keeping more first). With
+    adaptive counts (``percentile``), by the percentile each trial recorded (its images' counts
+    are not kept in the study)."""
     seen, feasible = set(), []
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.user_attrs.get("evaluated")]  # fmt: skip
@@ -252,7 +287,7 @@ def feasible_ranked(study: optuna.Study, target_ms: float | None, latency: PlanL
             if flops.of(plan) <= flops.share:
                 feasible.append((t, plan, latency.predict(plan).total_ms))
             continue
-        predicted = latency.predict(plan).total_ms
+        predicted = t.user_attrs["predicted_ms"] if percentile is not None else latency.predict(plan).total_ms
         if target_ms is None or predicted <= target_ms:
             feasible.append((t, plan, predicted))
     spent = (lambda r: flops.of(r[1])) if flops is not None else (lambda r: r[2])

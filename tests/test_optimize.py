@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -432,3 +434,72 @@ def test_a_closer_look_measures_only_plans_that_could_rank_above_the_chosen_one(
     kept = [r[0].user_attrs["name"] for r in could_displace(rows, chosen, images=100)]
     assert kept == ["slower, tied", "slower, better"]
     assert could_displace(rows, chosen, images=None) == [rows[1]]  # no noise known: only a better score
+
+
+def _selectors_checkpoint(demo, path: Path) -> Path:
+    """The demo model with spvit selectors that score images differently (as trained ones do)."""
+    torch.manual_seed(0)
+    plan = sp.PruningPlan(locations=(2, 3, 5), keep=(0.5, 0.25, 0.125))
+    model = sp.prune(build_model(MODEL, demo["checkpoint"]), plan)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "token_selector" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    torch.save({"model": model.state_dict(), "model_name": MODEL}, path)
+    return path
+
+
+def test_a_percentile_budget_holds_over_the_calibration_images_per_image_counts(tmp_path, demo):
+    """--percentile: each image's latency predicted from the counts it kept; the chosen plan's
+    95th percentile over the calibration images is within the target, recomputed here."""
+    from spvit_search.optimize import calibration_tensors
+    from spvit_search.pruning import AdaptiveCount, pruning_state, set_adaptive
+
+    checkpoint = _selectors_checkpoint(demo, tmp_path / "selectors.pt")
+    target = round(demo["dense_ms"] * 0.92, 4)  # these selectors' fastest plans: 0.8-0.9 of dense
+    out = tmp_path / "plan.yaml"
+    args = ["optimize", "--model", MODEL, "--checkpoint", str(checkpoint), "--tables", str(demo["tables"]),
+            "--calib-images", "200", "--method", "spvit", "--target-ms", str(target), "--adaptive-scale", "0.9",
+            "--trials", "40", "--json"]  # fmt: skip
+    done = CliRunner().invoke(main, [*args, "--percentile", "95", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output)
+    a = summary["adaptive"]
+    assert a["percentile"] == 95 and a["scale"] == 0.9 and summary["measurements"] == 0
+    plan = sp.PruningPlan.load(out)
+    assert plan.locations == (2, 3, 5) and plan.target_ms == target
+    # recompute: the checkpoint at the plan, per-image counts on the same calibration images
+    model = build_model(MODEL, checkpoint, plan).eval()
+    set_adaptive(model, AdaptiveCount(scale=0.9))
+    images, _ = calibration_tensors("demo", 200, model)
+    with torch.no_grad():
+        model(images)
+    counts = torch.stack(pruning_state(model).adaptive_counts, dim=1).numpy()
+    assert len({tuple(c) for c in counts}) > 1  # the images kept different counts
+    latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), model, MODEL, root=demo["tables"])
+    per_image = latency.predict_counts(plan, counts)
+    p95 = float(np.percentile(per_image, 95))
+    assert p95 == pytest.approx(a["predicted_p95_ms"], abs=1e-3) and p95 <= target
+    assert a["predicted_p50_ms"] <= p95 + 1e-3
+    assert a["mean_counts"] == pytest.approx(counts.mean(axis=0).tolist(), abs=0.01)
+    # the fixed-count prediction of that plan is not what was budgeted
+    assert a["fixed_counts_ms"] == pytest.approx(latency.predict(plan).total_ms, abs=1e-4)
+    # the median as the budget: its own percentile within the target
+    done50 = CliRunner().invoke(main, [*args, "--percentile", "50", "--out", str(tmp_path / "p50.yaml")])
+    assert done50.exit_code == 0, done50.output
+    assert json.loads(done50.output)["adaptive"]["predicted_p50_ms"] <= target
+
+
+def test_a_percentile_budget_is_refused_where_it_cannot_apply(tmp_path, demo):
+    checkpoint = _selectors_checkpoint(demo, tmp_path / "selectors.pt")
+    base = ["optimize", "--model", MODEL, "--tables", str(demo["tables"]), "--method", "spvit", "--trials", "5"]
+    cases = [
+        (["--checkpoint", str(demo["checkpoint"]), "--target-ms", "9", "--percentile", "95"], "fine-tuned spvit"),
+        (["--checkpoint", str(checkpoint), "--target-flops", "0.7", "--percentile", "95"], "not --target-flops"),
+        (["--checkpoint", str(checkpoint), "--target-ms", "9", "--percentile", "150"], "must lie in (0, 100]"),
+        (["--checkpoint", str(checkpoint), "--target-ms", "9", "--percentile", "95", "--adaptive-scale", "0"],
+         "scale > 0"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        done = CliRunner().invoke(main, [*base, *extra])
+        assert done.exit_code != 0 and message in done.output, (extra, done.output)

@@ -34,6 +34,11 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @click.option("--target-flops", type=float, default=None,
               help="budget as a share of the unpruned model's FLOPs, e.g. 0.7: the same on every device, so "
                    "nothing is measured (latency is still predicted)")  # fmt: skip
+@click.option("--percentile", type=float, default=None,
+              help="per-image (adaptive) counts: the budget holds at this percentile of the calibration images' "
+                   "predicted latencies, e.g. 95 (a fine-tuned spvit/hard checkpoint of a flat ViT)")  # fmt: skip
+@click.option("--adaptive-scale", type=float, default=1.0, show_default=True,
+              help="with --percentile: each image keeps scale x the sum of its keep probabilities")  # fmt: skip
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="plain (evit) or fine-tuned weights")
 @click.option("--data", default="demo", show_default=True, help="calibration images: 'demo' or an ImageFolder root")
 @click.option("--calib-images", type=int, default=256, show_default=True)
@@ -73,7 +78,8 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @devices_option
 @click.pass_context
 @user_errors
-def optimize(ctx, device_name, model_name, target_ms, targets, target_share, target_flops, checkpoint, data,
+def optimize(ctx, device_name, model_name, target_ms, targets, target_share, target_flops, percentile, adaptive_scale,
+             checkpoint, data,
              calib_images, objective, methods, locations, search_locations, stages, trials, min_keep_factor, step,
              storage, study_name, workers, heartbeat_s, sampler, seed, multi_objective, proxy, verify_top, threads,
              tables, out, plot_file, as_json, drift_check, worker, devices_file):  # fmt: skip
@@ -109,7 +115,7 @@ def optimize(ctx, device_name, model_name, target_ms, targets, target_share, tar
         stages=stages, trials=trials, min_factor=min_keep_factor, step=step, storage=storage, study=study_name,
         workers=workers, heartbeat_s=heartbeat_s, sampler=sampler, seed=None if worker else seed,
         multi_objective=multi_objective, proxy=proxy, verify_top=verify_top, target_share=target_share,
-        target_flops=target_flops,
+        target_flops=target_flops, percentile=percentile, adaptive_scale=adaptive_scale,
         tables=tables, progress=not as_json, drift_check=drift_check,
     )  # fmt: skip
     argv = [a for a in sys.argv[1:] if a != "--worker"]
@@ -155,7 +161,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
         "candidates": result.candidates, "scored_by": result.proxy or plan.method, "drift": result.drift,
         "table_off_by": round(result.stale, 4), "measurements": result.measurements,
         "unpruned_session_ms": result.anchor_ms,
-        "target_flops": settings.target_flops, "flops_share": result.flops_share,
+        "target_flops": settings.target_flops, "flops_share": result.flops_share, "adaptive": result.adaptive,
         "warning": result.warning,
     }  # fmt: skip
     if multi_objective:
@@ -173,7 +179,15 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
     if result.proxy:
         click.echo(f"  placed with {result.proxy}'s training-free scores (the checkpoint has no trained selectors); "
                    f"fine-tune {plan.method} at this plan: spvit-search finetune --plan {out}")  # fmt: skip
-    if result.flops_share is not None:
+    if result.adaptive is not None:
+        a, q, images = result.adaptive, f"p{settings.percentile:g}", result.study.user_attrs.get("calib_images")
+        click.echo(f"  adaptive counts (scale {a['scale']:g}), predicted over {images} calibration images: "
+                   f"{q} {a[f'predicted_{q}_ms']:.3f} ms against the target {target}, p50 {a['predicted_p50_ms']:.3f}, "
+                   f"mean {a['predicted_mean_ms']:.3f} (the plan's fixed counts: {a['fixed_counts_ms']:.3f}); "
+                   f"mean tokens kept per stage {a['mean_counts']}")  # fmt: skip
+        click.echo(f"  not measured: run it with set_adaptive(model, AdaptiveCount(scale={a['scale']:g})) "
+                   "(export_onnx_adaptive); benchmarks/adaptive.py measures such a file image by image")  # fmt: skip
+    elif result.flops_share is not None:
         click.echo(f"  target {target} | the plan's FLOPs {result.flops_share:.3f} of the unpruned model's")
         click.echo(f"  predicted {result.predicted_ms:.3f} ms on {device.name} ({device.runtime}, {device.threads} "
                    "thread(s)); not measured: a FLOPs budget has nothing to verify on a device")  # fmt: skip
