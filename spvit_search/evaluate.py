@@ -104,7 +104,7 @@ class PlanEvaluator:
         fall below the one before removes nothing, and its images keep what entered it."""
         num_patches = pruning_state(self.model).num_patches
         columns, previous, j = [], np.full(len(acted), num_patches), 0
-        for keep, before in zip(plan.keep, (1.0, *plan.keep[:-1]), strict=True):
+        for keep, before in zip(plan.keep, self.family.layout(self.model).previous_keep(plan), strict=True):
             if keep < before:
                 previous, j = acted[:, j], j + 1
             columns.append(previous)
