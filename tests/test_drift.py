@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -65,6 +66,9 @@ def _optimize(tables: Path, target: float):
 def test_a_stale_table_is_caught_before_the_search(fresh, factor):
     stale = fresh["root"] / f"stale-{factor}"
     write_rescaled(_table(fresh["root"] / "fresh"), _table(stale), factor)
+    model = build_model(MODEL)
+    stale_latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), model, MODEL, root=stale)
+    predicted_unpruned = stale_latency.predict(sp.PruningPlan(locations=(len(model.blocks) - 1,), keep=(1.0,))).total_ms
     summary, plan = _optimize(stale, fresh["target"])
     target, baseline = fresh["target"], fresh["baseline"]
     rows = [(c["keep"], c["predicted_ms"], c["measured_ms"], c["raw_ms"], c["reference_ms"])
@@ -75,11 +79,14 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
     # next round normal) shipped a plan at 0.825; the test takes −10%. Without the check a
     # slower-day table ships at 0.79-0.82 (the benchmark), which this still tells apart
     assert 0.90 * target <= plan.measured_ms <= target, (target, rows)
-    # the staleness as the drift check measured it (×1.33 or ×0.8 the table as measured), each of
-    # the two checks one session of this 0.9 ms model: sessions minutes apart differ by up to ±5%
-    # here, with spells of +9-18% (seen in a fresh-clone CI run: 0.86), hence ±20%; a check that
-    # saw nothing would give 1.25 or 0.75. The benchmark's medians: ×1.33 and ×0.80
-    assert summary["table_off_by"] / baseline["table_off_by"] * factor == pytest.approx(1, abs=0.2)
+    # the check measured the staleness the search then met: its measured/predicted of the unpruned
+    # model agrees with that of the unpruned model measured alongside the candidates, minutes later
+    # in the same run (one taken against the fresh table would be ×1.25 or ×0.75 off). Not
+    # against the baseline run's check: a CI machine's speed moved 34% between the two (the check
+    # here ×1.07 the baseline's on a slower-day table, yet the plan shipped within the target)
+    references = sorted({c["reference_ms"] for c in summary["candidates"]})
+    later = float(np.median(references)) / predicted_unpruned
+    assert summary["table_off_by"] == pytest.approx(later, rel=0.2), (summary["table_off_by"], references, rows)
     # the goal is two more: benchmarks/drift.py met it in every stale run of this model (one round
     # each, like the fresh table's); a round of misses on either side costs 2-4, hence +4
     assert summary["measurements"] <= baseline["measurements"] + 4, (rows, baseline["candidates"])
@@ -88,8 +95,11 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
 def test_the_drift_check_is_reported(fresh, tmp_path):
     stale = tmp_path / "stale"
     write_rescaled(_table(fresh["root"] / "fresh"), _table(stale), 1.25)
+    # 0.9 of the unpruned prediction, not 0.8: this test reads the report, and a host's slow spell
+    # (seen: every candidate 15-30% over 0.8) would fail the search before it reported anything
+    target = round(fresh["target"] / 0.8 * 0.9, 4)
     args = ["optimize", "--model", MODEL, "--tables", str(stale), "--checkpoint", str(CHECKPOINT), "--data",
-            "fashion", "--calib-images", "64", "--target-ms", str(fresh["target"]), "--trials", "12", "--out",
+            "fashion", "--calib-images", "64", "--target-ms", str(target), "--trials", "12", "--out",
             str(tmp_path / "plan.yaml")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
