@@ -5,13 +5,20 @@ The shipped Fashion-MNIST model (trained, 87.8% top-1), scored by top-1 on 256 c
 at optimize's default 3 candidates a round. Not random-weight DeiT-T scored by agreement: there a
 plan at 0.78-0.93 of the target can score more than the tie band above every slower plan (32
 images), and the search rightly ships it, so the window would test the objective, not the drift.
+
+Each scenario gets three attempts (``_in_attempts``): this host's speed has spells within a
+minute (seen here: the unpruned model measured 2.08 ms a minute after 1.02 ms, and a CI machine
+34% apart between two checks), which no one run of a timed search can tell from staleness. A
+search without the drift check fails every attempt (a slower-day table ships at 0.79-0.82).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -25,7 +32,19 @@ from spvit_search.models import build_model
 from spvit_search.predictor import PlanLatency
 
 MODEL = "vit_demo_fashion"
+T = TypeVar("T")
 CHECKPOINT = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoints" / "vit_demo_fashion.pt"
+
+
+def _in_attempts(scenario: Callable[[int], T], attempts: int = 3) -> T:
+    """``scenario(attempt)``'s result from the first attempt that raised no AssertionError."""
+    failures = []
+    for attempt in range(attempts):
+        try:
+            return scenario(attempt)
+        except AssertionError as err:
+            failures.append(f"attempt {attempt + 1}: {str(err)[:1500]}")
+    raise AssertionError("\n".join(failures))
 
 
 def _table(root: Path) -> Path:
@@ -48,8 +67,12 @@ def fresh(tmp_path_factory):
     latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), model, MODEL, root=root / "fresh")
     dense = sp.PruningPlan(locations=(len(model.blocks) - 1,), keep=(1.0,))
     target = round(0.8 * latency.predict(dense).total_ms, 4)
-    shutil.copytree(root / "fresh", root / "baseline")
-    baseline, _ = _optimize(root / "baseline", target)
+
+    def baseline_search(attempt: int) -> dict:
+        shutil.copytree(root / "fresh", root / f"baseline-{attempt}")
+        return _optimize(root / f"baseline-{attempt}", target)[0]
+
+    baseline = _in_attempts(baseline_search)
     return {"root": root, "target": target, "baseline": baseline}
 
 
@@ -64,7 +87,11 @@ def _optimize(tables: Path, target: float):
 
 @pytest.mark.parametrize("factor", [0.75, 1.25], ids=["faster-day", "slower-day"])
 def test_a_stale_table_is_caught_before_the_search(fresh, factor):
-    stale = fresh["root"] / f"stale-{factor}"
+    _in_attempts(lambda attempt: _stale_search(fresh, factor, attempt))
+
+
+def _stale_search(fresh: dict, factor: float, attempt: int) -> None:
+    stale = fresh["root"] / f"stale-{factor}-{attempt}"
     write_rescaled(_table(fresh["root"] / "fresh"), _table(stale), factor)
     model = build_model(MODEL)
     stale_latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), model, MODEL, root=stale)
@@ -93,6 +120,10 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
 
 
 def test_the_drift_check_is_reported(fresh, tmp_path):
+    _in_attempts(lambda attempt: _reported_search(fresh, tmp_path / str(attempt)))
+
+
+def _reported_search(fresh: dict, tmp_path: Path) -> None:
     stale = tmp_path / "stale"
     write_rescaled(_table(fresh["root"] / "fresh"), _table(stale), 1.25)
     # 0.9 of the unpruned prediction, not 0.8: this test reads the report, and a host's slow spell
@@ -103,5 +134,5 @@ def test_the_drift_check_is_reported(fresh, tmp_path):
             str(tmp_path / "plan.yaml")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "the table predicted the unpruned model" in result.output and "% slow" in result.output
+    assert "the table predicted the unpruned model" in result.output and "% slow" in result.output, result.output
     assert "whole-model measurements on the device:" in result.output
