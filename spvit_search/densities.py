@@ -21,7 +21,9 @@ teacher 87.85%; the densities' mean 86.19 / 85.63 summed, 86.11 / 85.63 averaged
 proportion to the tokens each path removes (the sparsest 0.37, the densest 0.11) were tried once
 for the sparsest density's lag (2026-12-01, code not kept), and did not help it (calibration
 split, seeds 0 / 1: 83.95 / 83.45% against 83.90 / 84.15% with equal shares; a separate
-fine-tune there: 84.75 / 84.90%).
+fine-tune there: 84.75 / 84.90%). Distilling the sparse paths from the teacher instead of the
+dense path (2026-12-02, code not kept) did not help either: sparsest 84.30 / 83.85%, the four
+densities' mean 86.21 / 85.64% (86.11 / 85.63 from the dense path), dense option 88.05 / 87.75%.
 
 No ratio loss on the sparse paths: the exact top-k already fixes each path's count, and one
 shared selector given four targets for its mean keep probability is pulled four ways, through
