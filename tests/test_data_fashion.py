@@ -102,6 +102,11 @@ def test_fashion_trains_through_the_cli(fashion_dir, tmp_path):
     assert len(rows) == 1 + 32 // 16  # the subset, not the 40 training images
     too_small = CliRunner().invoke(main, [*args[:-2], "--train-subset", "8", "--out", str(tmp_path / "r2")])
     assert too_small.exit_code == 2 and "--train-subset 8 makes no batch of 16" in too_small.output
+    # a harness that evaluates the weights itself skips the test split (benchmarks/accuracy.py run_cli)
+    skipped = CliRunner().invoke(main, [*args[:-2], "--out", str(tmp_path / "r3"), "--no-final-test"])
+    assert skipped.exit_code == 0, skipped.output
+    assert "test top-1" not in skipped.output and "test split not evaluated (--no-final-test" in skipped.output
+    assert (tmp_path / "r3" / "model.pt").exists()
 
 
 def test_the_installed_package_reads_as_documented():  # scripts/setup.sh installs dataset-fashion-mnist

@@ -102,14 +102,21 @@ def train_options(fn):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--workers", type=int, default=0, show_default=True, help="data loader processes"),
         click.option("--device", "torch_device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option(
+            "--final-test/--no-final-test",
+            "final_test_on",
+            default=True,
+            show_default=True,
+            help="top-1 on the test split at the end (a harness that evaluates the weights itself skips it)",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def final_test(model, data: str, result) -> float:
-    """Top-1 on the test split, printed once (rank 0)."""
+def final_test(model, data: str, result, enabled: bool = True) -> float:
+    """Top-1 on the test split, printed once (rank 0); NaN, with the weights' path, if not ``enabled``."""
     import os
 
     import torch
@@ -118,6 +125,10 @@ def final_test(model, data: str, result) -> float:
     from ..train import evaluate
 
     if int(os.environ.get("RANK", "0")) != 0:
+        return float("nan")
+    if not enabled:
+        click.echo(f"test split not evaluated (--no-final-test; eval split {result.eval_acc:.2f}%); "
+                   f"weights: {result.model_file}")  # fmt: skip
         return float("nan")
     acc, _ = evaluate(model, build_dataset(data, "test", model), torch.device("cpu") if not next(
         model.parameters()).is_cuda else next(model.parameters()).device)  # fmt: skip

@@ -28,7 +28,8 @@ from ._common import (
 @train_options
 @user_errors
 def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, distill_weight, token_weight, data,
-          train_subset, batch_size, weight_decay, augment, resume, seed, workers, torch_device):  # fmt: skip
+          train_subset, batch_size, weight_decay, augment, resume, seed, workers, torch_device,
+          final_test_on):  # fmt: skip
     """Train a dense model (the demo's model and teacher by default) from scratch or a checkpoint."""
     import torch
 
@@ -44,7 +45,7 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, disti
                       distill_weight=distill_weight, token_distill_weight=token_weight,
                       workers=workers, device=torch_device, resume=resume)  # fmt: skip
     result = fit(model, data, cfg, out, model_name=model_name, teacher=teacher_model)
-    final_test(model, data, result)
+    final_test(model, data, result, final_test_on)
 
 
 @main.command()
@@ -89,7 +90,7 @@ def train(model_name, checkpoint, out, epochs, lr, warmup_epochs, teacher, disti
 def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale, warmup_epochs, selector_warmup,
              train_count, ratio_weight, distill_weight, token_weight, latency_weight, selector_hint, densities,
              densities_per_step, target_ms, latency_device, tables, data, train_subset, batch_size, weight_decay,
-             augment, resume, seed, workers, torch_device, devices_file):  # fmt: skip
+             augment, resume, seed, workers, torch_device, final_test_on, devices_file):  # fmt: skip
     """Soft-pruning fine-tune of plan.model under PLAN: task + ratio + distillation (+ latency) loss."""
     from pathlib import Path
 
@@ -146,7 +147,7 @@ def finetune(plan_file, checkpoint, teacher, out, epochs, lr, selector_lr_scale,
     result = fit(model, data, cfg, out, model_name=plan.model, plan=plan, teacher=teacher_model,
                  latency_penalty=penalty)  # fmt: skip
     plan.save(Path(out) / "plan.yaml")
-    final_test(model, data, result)
+    final_test(model, data, result, final_test_on)
 
 
 @main.command()
