@@ -51,6 +51,13 @@ def _table(root: Path) -> Path:
     return table_path(root, "local", "onnxruntime", 1, 1)
 
 
+def _predicted_unpruned_ms(tables: Path) -> float:
+    """The unpruned model's latency as the (calibrated) table under ``tables`` predicts it."""
+    model = build_model(MODEL)
+    latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), model, MODEL, root=tables)
+    return latency.predict(sp.PruningPlan(locations=(len(model.blocks) - 1,), keep=(1.0,))).total_ms
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     """The model profiled and calibrated here and now, a target at 80% of its dense prediction, and
@@ -63,10 +70,7 @@ def fresh(tmp_path_factory):
     ):
         done = runner.invoke(main, args)
         assert done.exit_code == 0, done.output
-    model = build_model(MODEL)
-    latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), model, MODEL, root=root / "fresh")
-    dense = sp.PruningPlan(locations=(len(model.blocks) - 1,), keep=(1.0,))
-    target = round(0.8 * latency.predict(dense).total_ms, 4)
+    target = round(0.8 * _predicted_unpruned_ms(root / "fresh"), 4)
 
     def baseline_search(attempt: int) -> dict:
         shutil.copytree(root / "fresh", root / f"baseline-{attempt}")
@@ -93,9 +97,7 @@ def test_a_stale_table_is_caught_before_the_search(fresh, factor):
 def _stale_search(fresh: dict, factor: float, attempt: int) -> None:
     stale = fresh["root"] / f"stale-{factor}-{attempt}"
     write_rescaled(_table(fresh["root"] / "fresh"), _table(stale), factor)
-    model = build_model(MODEL)
-    stale_latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), model, MODEL, root=stale)
-    predicted_unpruned = stale_latency.predict(sp.PruningPlan(locations=(len(model.blocks) - 1,), keep=(1.0,))).total_ms
+    predicted_unpruned = _predicted_unpruned_ms(stale)
     summary, plan = _optimize(stale, fresh["target"])
     target, baseline = fresh["target"], fresh["baseline"]
     rows = [(c["keep"], c["predicted_ms"], c["measured_ms"], c["raw_ms"], c["reference_ms"])
