@@ -13,12 +13,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spvit_search.blocks import InputSpec
 from spvit_search.devices import DeviceConfig
 from spvit_search.errors import SpvitError
 
 from .protocol import Timing
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class ProfilerError(SpvitError):
@@ -119,6 +123,14 @@ class Profiler(ABC):
         on_round: Callable[[int], None] | None = None,
     ) -> dict[tuple[str, int], Timing]:
         """Timing per (signature, token count) of every job, all interleaved in each round."""
+
+    def measure_images(self, files: dict[str, Path], images: np.ndarray, repeats: int = 3,
+                       warmup: int = 10) -> dict[str, np.ndarray]:  # fmt: skip
+        """Each image's latency (ms, median of ``repeats``) through each single-input ONNX file,
+        the files alternating image by image: for files whose work depends on the image (per-image
+        token counts), where one generated input says nothing of the distribution."""
+        raise ProfilerError(f"{self.where()}: per-image latency is measured on the local device only "
+                            "(the board runners and phone tools time one generated input per file)")  # fmt: skip
 
     def check(self) -> list[CheckItem]:
         """Reachability, runtime presence and versions, CPU and thermal state."""

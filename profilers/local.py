@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import platform
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,14 +121,42 @@ class LocalProfiler(Profiler):
                     for spec, shape in zip(art.inputs, art.shapes(n), strict=True)
                 }
                 calls[(art.signature, n)] = lambda run=runners[path], feeds=feeds: run(feeds)
+        with self._pinned():
+            return measure_interleaved(
+                calls, warmup=settings.warmup, rounds=settings.rounds, runs=settings.runs,
+                seed=settings.seed, on_round=on_round,
+            )  # fmt: skip
+
+    def measure_images(self, files: dict[str, Path], images: np.ndarray, repeats: int = 3,
+                       warmup: int = 10) -> dict[str, np.ndarray]:  # fmt: skip
+        if self.device.runtime != "onnxruntime":
+            raise ProfilerError(f"{self.where()}: per-image latency is measured with onnxruntime, not "
+                                f"{self.device.runtime}")  # fmt: skip
+        sessions = {name: onnx_session(path, threads=self.device.threads) for name, path in files.items()}
+        inputs = {name: s.get_inputs()[0].name for name, s in sessions.items()}
+        out: dict[str, list[float]] = {name: [] for name in files}
+        with self._pinned():
+            for name, s in sessions.items():
+                for _ in range(warmup):
+                    s.run(None, {inputs[name]: images[:1]})
+            for image in images:
+                feed = image[None]
+                for name, s in sessions.items():
+                    times = []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        s.run(None, {inputs[name]: feed})
+                        times.append(time.perf_counter() - start)
+                    out[name].append(1e3 * statistics.median(times))
+        return {name: np.asarray(v) for name, v in out.items()}
+
+    @contextlib.contextmanager
+    def _pinned(self):
         previous = os.sched_getaffinity(0)
         cpus = self.pinned_cpus()
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
         try:
-            return measure_interleaved(
-                calls, warmup=settings.warmup, rounds=settings.rounds, runs=settings.runs,
-                seed=settings.seed, on_round=on_round,
-            )  # fmt: skip
+            yield
         finally:
             os.sched_setaffinity(0, previous)

@@ -55,6 +55,7 @@ from .search import (
     trial_accuracy,
 )
 from .sharing import HEARTBEAT_S, fail_dead_trials, open_storage, settle
+from .verify_adaptive import can_measure_images, verify_percentile
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -101,6 +102,10 @@ class OptimizeSettings:
     #: latencies, each predicted from the counts that image kept; ``adaptive_scale`` is its scale
     percentile: float | None = None
     adaptive_scale: float = 1.0
+    #: a percentile budget on the local device (:mod:`spvit_search.verify_adaptive`): the candidates'
+    #: files measured over this many calibration images, each the median of ``percentile_repeats`` runs
+    percentile_images: int = 100
+    percentile_repeats: int = 3
     tables: str = "latency_tables"
     progress: bool = True
 
@@ -209,7 +214,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
         settings.target_ms = _share_in_ms(settings.target_share, latency, model_name)
     elif settings.target_ms is None:
         raise SearchError("give a target: target_ms, target_share of the unpruned model, or target_flops")
-    adaptive = _adaptive_setting(settings, model, trained, flops)
+    adaptive = _adaptive_setting(settings, model, trained, flops, device)
     space = _space(settings, latency.layout, trained, proxy)
     dense_check = None
     if settings.drift_check and settings.verify_top > 0 and not worker_only:
@@ -282,7 +287,7 @@ def run_study(model_name: str, device: DeviceConfig, settings: OptimizeSettings,
 
 
 def _adaptive_setting(settings: OptimizeSettings, model, trained: tuple[int, ...] | None,
-                      flops: FlopsBudget | None) -> AdaptiveCount | None:  # fmt: skip
+                      flops: FlopsBudget | None, device: DeviceConfig) -> AdaptiveCount | None:  # fmt: skip
     """The per-image counts a ``percentile`` budget is searched with, after checking they apply."""
     if settings.percentile is None:
         return None
@@ -299,9 +304,10 @@ def _adaptive_setting(settings: OptimizeSettings, model, trained: tuple[int, ...
         set_adaptive(prune(model, plan), adaptive)
     except (ValueError, UnsupportedModelError) as err:
         raise SearchError(str(err)) from None
-    # Verifying a percentile would need each calibration image fed to the adaptive file on the
-    # device; the device backends measure one generated input per file (README, adaptive counts).
-    settings.verify_top = 0
+    if settings.percentile_images < 1 or settings.percentile_repeats < 1:
+        raise SearchError("percentile_images and percentile_repeats must be at least 1")
+    if not can_measure_images(device):  # the device backends time one generated input per file
+        settings.verify_top = 0
     return adaptive
 
 
@@ -577,7 +583,28 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
         budget = f"{flops.share:g} of the FLOPs" if flops else f"{settings.target_ms:g} ms"
         raise SearchError(f"no evaluated plan meets {budget} after {counts['trials']} trials; "
                           "run more --trials or relax the target")  # fmt: skip
-    if settings.verify_top > 0:
+    per_image_measurements = 0
+    if settings.verify_top > 0 and settings.percentile is not None:  # image by image (verify_adaptive)
+        images, _ = calibration_tensors(settings.data, settings.calib_images, model)
+        candidates, chosen = verify_percentile(ranked, model_name, device, settings, evaluator.adaptive,
+                                               images[: settings.percentile_images].numpy(),
+                                               _unpruned(model_name, settings, ranked[0][1]))  # fmt: skip
+        if chosen is None:
+            over = ", ".join(f"{c['measured_ms']:.2f}" for c in candidates)
+            raise SearchError(
+                f"every candidate measured over its budget at p{settings.percentile:g} on {device.name} ({over} "
+                f"ms over {min(settings.percentile_images, len(images))} calibration images), predictions corrected "
+                "by the misses included; relax the target or lower --adaptive-scale"
+            )  # fmt: skip
+        trial, plan, accuracy, measured = chosen["trial_obj"], chosen["plan"], chosen["accuracy"], chosen["measured_ms"]
+        evidence = SessionMeasurements()
+        if dense_check is not None:
+            evidence.add_reference(_unpruned_plan(latency, model_name), dense_check["measured_ms"], DRIFT_CHECK_ROUNDS)
+        # each candidate, and the unpruned model once a round, measured over the images
+        per_image_measurements = len(candidates) + len({c["reference_ms"] for c in candidates})
+        if settings.target_share is not None:
+            settings.target_ms = round(chosen["budget_ms"], 4)
+    elif settings.verify_top > 0:
         candidates, chosen = [], None
         evidence = SessionMeasurements()
         if dense_check is not None:
@@ -614,6 +641,17 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
                     "predicted_p50_ms": round(a["predicted_p50_ms"], 4),
                     "predicted_mean_ms": round(a["predicted_mean_ms"], 4), "fixed_counts_ms": round(a["fixed_ms"], 4),
                     "mean_counts": a["mean_counts"]}  # fmt: skip
+        if measured is not None:  # the file measured image by image (verify_adaptive)
+            adaptive |= {
+                f"measured_p{settings.percentile:g}_ms": round(measured, 4),
+                "measured_p50_ms": round(chosen["measured_p50_ms"], 4),
+                "measured_mean_ms": round(chosen["measured_mean_ms"], 4),
+                "unpruned_measured_ms": round(chosen["reference_ms"], 4),
+                "measured_images": chosen["images"],
+            }
+        else:
+            adaptive["not_measured"] = (f"{device.name} times one generated input per file: the budget is the "
+                                        "table's (only the local device measures per-image files)")  # fmt: skip
     table = table_path(settings.tables, device.name, device.runtime, device.threads, device.batch)
     plan = plan.replace(
         model=model_name, device=device.name, target_ms=settings.target_ms, predicted_ms=round(predicted, 4),
@@ -625,7 +663,7 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
                           fastest_ms, time.perf_counter() - start, study, space.proxy, drift=latency.drift,
                           stale=dense_check["ratio"] if dense_check else _staleness(candidates, settings),
-                          measurements=evidence.count,
+                          measurements=evidence.count + per_image_measurements,
                           anchor_ms=evidence.anchor_ms() if evidence.references else None,
                           warning=flat_objective(study, settings.objective),
                           flops_share=flops.of(plan) if flops else None, adaptive=adaptive)  # fmt: skip
@@ -645,7 +683,8 @@ def _candidate_row(c: dict) -> dict:
             "measured_ms": round(c["measured_ms"], 3), "raw_ms": round(c["raw_ms"], 3),
             "reference_ms": round(c["reference_ms"], 3), "session_unpruned_ms": round(c["session_unpruned_ms"], 4),
             "budget_ms": round(c["budget_ms"], 3),
-            "over_target": c["over_target"], "drift_after": round(c["drift"], 4)}  # fmt: skip
+            "over_target": c["over_target"], "drift_after": round(c["drift"], 4),
+            **{k: round(c[k], 4) for k in ("measured_p50_ms", "measured_mean_ms") if k in c}}  # fmt: skip
 
 
 def plot_trials(result: OptimizeResult, settings: OptimizeSettings, path: str | Path, title: str) -> Path:

@@ -39,6 +39,9 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
                    "predicted latencies, e.g. 95 (a fine-tuned spvit/hard checkpoint of a flat ViT)")  # fmt: skip
 @click.option("--adaptive-scale", type=float, default=1.0, show_default=True,
               help="with --percentile: each image keeps scale x the sum of its keep probabilities")  # fmt: skip
+@click.option("--percentile-images", type=int, default=100, show_default=True,
+              help="with --percentile on the local device: calibration images each candidate's file is measured "
+                   "on, one by one, beside the unpruned model (--verify-top candidates first)")  # fmt: skip
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="plain (evit) or fine-tuned weights")
 @click.option("--data", default="demo", show_default=True, help="calibration images: 'demo' or an ImageFolder root")
 @click.option("--calib-images", type=int, default=256, show_default=True)
@@ -79,6 +82,7 @@ _METHOD_HELP = "method(s), e.g. evit or spvit (default: the model's training-fre
 @click.pass_context
 @user_errors
 def optimize(ctx, device_name, model_name, target_ms, targets, target_share, target_flops, percentile, adaptive_scale,
+             percentile_images,
              checkpoint, data,
              calib_images, objective, methods, locations, search_locations, stages, trials, min_keep_factor, step,
              storage, study_name, workers, heartbeat_s, sampler, seed, multi_objective, proxy, verify_top, threads,
@@ -116,6 +120,7 @@ def optimize(ctx, device_name, model_name, target_ms, targets, target_share, tar
         workers=workers, heartbeat_s=heartbeat_s, sampler=sampler, seed=None if worker else seed,
         multi_objective=multi_objective, proxy=proxy, verify_top=verify_top, target_share=target_share,
         target_flops=target_flops, percentile=percentile, adaptive_scale=adaptive_scale,
+        percentile_images=percentile_images,
         tables=tables, progress=not as_json, drift_check=drift_check,
     )  # fmt: skip
     argv = [a for a in sys.argv[1:] if a != "--worker"]
@@ -185,8 +190,19 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
                    f"{q} {a[f'predicted_{q}_ms']:.3f} ms against the target {target}, p50 {a['predicted_p50_ms']:.3f}, "
                    f"mean {a['predicted_mean_ms']:.3f} (the plan's fixed counts: {a['fixed_counts_ms']:.3f}); "
                    f"mean tokens kept per stage {a['mean_counts']}")  # fmt: skip
-        click.echo(f"  not measured: run it with set_adaptive(model, AdaptiveCount(scale={a['scale']:g})) "
-                   "(export_onnx_adaptive); benchmarks/adaptive.py measures such a file image by image")  # fmt: skip
+        if f"measured_{q}_ms" in a:
+            click.echo(f"  measured image by image over {a['measured_images']} calibration images on "
+                       f"{device.name}: {q} {a[f'measured_{q}_ms']:.3f} ms, p50 {a['measured_p50_ms']:.3f}, "
+                       f"mean {a['measured_mean_ms']:.3f}; the unpruned model alongside "
+                       f"{a['unpruned_measured_ms']:.3f} ms")  # fmt: skip
+            for r in result.candidates:
+                flag = "  over its budget, dropped" if r["over_target"] else ""
+                click.echo(f"  {'':4}trial {r['trial']:4d} keep {r['keep']!s:22} {r['accuracy']:6.2f}%  "
+                           f"predicted {q} {r['predicted_ms']:.3f}, measured {r['measured_ms']:.3f} "
+                           f"of {r['budget_ms']:.3f}{flag}")  # fmt: skip
+        else:
+            click.echo(f"  not measured: {a['not_measured']}; run it with set_adaptive(model, "
+                       f"AdaptiveCount(scale={a['scale']:g})) (export_onnx_adaptive)")  # fmt: skip
     elif result.flops_share is not None:
         click.echo(f"  target {target} | the plan's FLOPs {result.flops_share:.3f} of the unpruned model's")
         click.echo(f"  predicted {result.predicted_ms:.3f} ms on {device.name} ({device.runtime}, {device.threads} "
@@ -198,7 +214,7 @@ def _report(result, settings, model_name, device, out, plot_file, multi_objectiv
     click.echo(f"  {c['trials']} trials: {c['evaluated']} evaluated, {c['duplicates']} duplicates reused, "
                f"{c['pruned']} pruned early, {c['infeasible']} infeasible (not evaluated); "
                f"{result.seconds:.1f} s")  # fmt: skip
-    if result.candidates:
+    if result.candidates and result.adaptive is None:
         click.echo("  measured on the device:   trial  method  keep                    top-1   predicted  measured"
                    "  (raw, unpruned alongside)")  # fmt: skip
         for r in result.candidates:
