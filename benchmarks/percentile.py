@@ -57,7 +57,8 @@ DATA, MODEL = "fashion", "vit_demo_fashion"
 def run_percentile(args, q: float, device, root: Path, images: torch.Tensor, reference: torch.Tensor) -> dict:
     latency = PlanLatency.for_device(device, build_model(MODEL), MODEL, root=root, methods=("spvit",))
     unpruned_ms = latency.predict(sp.PruningPlan(locations=(2,), keep=(1.0,), model=MODEL)).total_ms
-    settings = OptimizeSettings(target_share=args.target_share, checkpoint=str(args.checkpoint), data=DATA,
+    settings = OptimizeSettings(target_ms=None, target_share=args.target_share, checkpoint=str(args.checkpoint),
+                                data=DATA,
                                 calib_images=args.calib_images, methods=("spvit",), trials=args.trials,
                                 percentile=q, adaptive_scale=args.scale, tables=str(root), progress=False,
                                 verify_top=args.verify_top, percentile_images=args.verify_images)  # fmt: skip

@@ -25,6 +25,21 @@ fine-tune there: 84.75 / 84.90%). Distilling the sparse paths from the teacher i
 dense path (2026-12-02, code not kept) did not help either: sparsest 84.30 / 83.85%, the four
 densities' mean 86.21 / 85.64% (86.11 / 85.63 from the dense path), dense option 88.05 / 87.75%.
 
+Three more levers for the sparsest density's lag, tried 2026-12-02 on the calibration split
+(seeds 0 / 1, the benchmark's 2 epochs on 3,000 images; code not kept), sparsest / dense option:
+
+- every density each step, as above (lr 2e-4): 83.90 / 84.15%, dense 88.00 / 87.65%;
+- a private LayerNorm affine per density (slimmable networks' switchable norms), seed 0: 83.80%,
+  dense 87.70%: no gain;
+- a higher learning rate, 4e-4: 85.05 / 83.50%, dense 87.70 / 87.70%. But a separate fine-tune
+  gains as much from it: 85.70 / 84.95% against 84.75 / 84.90% at 2e-4 (85.75% at 8e-4, seed 0).
+  The shared model's lag is the recipe's, not an under-tuned step size;
+- the dense path and the sparsest only (``per_step`` 1), the others never trained: at 2e-4
+  84.35 / 84.95%, dense 87.60 / 87.75%, and the untrained 0.7 density 86.45 / 86.10% (85.70%
+  trained, seed 0), since the top-k of one ranking nest; at 4e-4 85.15 / 84.35%, dense 87.20 /
+  88.05%. Against the separate fine-tunes at their better rate (85.33% mean) that is still 0.58
+  below.
+
 No ratio loss on the sparse paths: the exact top-k already fixes each path's count, and one
 shared selector given four targets for its mean keep probability is pulled four ways, through
 its input into the backbone too. Chosen on the calibration split (benchmarks/densities.py
