@@ -650,8 +650,11 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
                 "measured_images": chosen["images"],
             }
         else:
-            adaptive["not_measured"] = (f"{device.name} times one generated input per file: the budget is the "
-                                        "table's (only the local device measures per-image files)")  # fmt: skip
+            adaptive["not_measured"] = (
+                "--verify-top 0: the budget is the table's" if can_measure_images(device) else
+                f"{device.name} times one generated input per file: the budget is the table's (only the local "
+                "device measures per-image files)"
+            )  # fmt: skip
     table = table_path(settings.tables, device.name, device.runtime, device.threads, device.batch)
     plan = plan.replace(
         model=model_name, device=device.name, target_ms=settings.target_ms, predicted_ms=round(predicted, 4),

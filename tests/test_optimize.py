@@ -468,6 +468,7 @@ def test_a_percentile_budget_holds_over_the_calibration_images_per_image_counts(
     summary = json.loads(done.output)
     a = summary["adaptive"]
     assert a["percentile"] == 95 and a["scale"] == 0.9 and summary["measurements"] == 0
+    assert a["not_measured"].startswith("--verify-top 0")
     plan = sp.PruningPlan.load(out)
     assert plan.locations == (2, 3, 5) and plan.target_ms == target
     # recompute: the checkpoint at the plan, per-image counts on the same calibration images
