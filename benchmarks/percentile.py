@@ -24,7 +24,7 @@ For each percentile of ``--percentiles``:
 
 A search that finds no plan within the budget on the device is recorded with its message.
 
-    python benchmarks/percentile.py [--percentiles 50,95] [--target-share 0.85] [--scale 1.0]
+    python benchmarks/percentile.py [--percentiles 50,95] [--target-share 0.95] [--scale 1.0]
         [--verify-top 3] [--verify-images 100]
         [--checkpoint runs/densities/runs/separate/0.7-0.49-0.343/seed0/model.pt]
         [--out runs/percentile] [--results benchmarks/results/percentile.json]
@@ -99,7 +99,7 @@ def run_percentile(args, q: float, device, root: Path, images: torch.Tensor, ref
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--percentiles", default="50,95", type=lambda s: [float(v) for v in s.split(",")])
-    ap.add_argument("--target-share", type=float, default=0.85)
+    ap.add_argument("--target-share", type=float, default=0.95)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--trials", type=int, default=80)
     ap.add_argument("--checkpoint", type=Path,
