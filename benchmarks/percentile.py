@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not args.checkpoint.is_file():
         raise SystemExit(f"{args.checkpoint} does not exist: run python benchmarks/densities.py --seeds 0 --ratios 0.7 "
-                         "first (or give --checkpoint)")  # fmt: skip
+                         "--results /tmp/densities.json first (a new results file: the shipped one holds that cell, "
+                         "so it would be skipped), or give --checkpoint")  # fmt: skip
     torch.set_num_threads(1)
     device = DeviceRegistry.load().get("local")
     root = tables(args.out, device, SHIPPED_TEACHERS[DATA])  # calibrated on the dense teacher's plans
