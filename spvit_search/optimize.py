@@ -665,7 +665,8 @@ def optimize(model_name: str, device: DeviceConfig, settings: OptimizeSettings, 
     plan.save(out)
     return OptimizeResult(plan, accuracy, predicted, measured, [_candidate_row(c) for c in candidates], counts,
                           fastest_ms, time.perf_counter() - start, study, space.proxy, drift=latency.drift,
-                          stale=dense_check["ratio"] if dense_check else _staleness(candidates, settings),
+                          stale=dense_check["ratio"] if dense_check else 1.0 if per_image_measurements
+                          else _staleness(candidates, settings),  # an adaptive file's misses are not the table's
                           measurements=evidence.count + per_image_measurements,
                           anchor_ms=evidence.anchor_ms() if evidence.references else None,
                           warning=flat_objective(study, settings.objective),

@@ -142,11 +142,12 @@ def test_a_flops_budget_places_the_plan_by_counted_flops_and_measures_nothing(tm
 
 def test_optimize_merges_tokens_with_tome_on_a_plain_checkpoint(tmp_path, demo):
     runner = CliRunner()
-    args = _args(demo, "--method", "tome", "--trials", "30", "--verify-top", "0",
-                 "--out", str(tmp_path / "plan.yaml"), "--json")  # fmt: skip
-    missing = runner.invoke(main, [*args, "--target-ms", str(round(demo["dense_ms"] * 0.9, 3))])
+    args = ["--method", "tome", "--trials", "30", "--verify-top", "0", "--out", str(tmp_path / "plan.yaml"), "--json"]
+    missing = runner.invoke(main, [*_args(demo, *args), "--target-ms", str(round(demo["dense_ms"] * 0.9, 3))])
     assert missing.exit_code == 2 and "selector-tome" in missing.output and "--methods tome" in missing.output
-    tables = str(demo["tables"])
+    # A table of its own, every part measured in the same interleaved rounds: seen on CI, ToMe's parts
+    # added to the shared table in a slow spell put its fastest plan at 1.16x a dense model measured earlier.
+    tables = str(tmp_path / "tables")
     profiled = runner.invoke(main, ["profile", "--model", MODEL, "--out", tables, "--rounds", "3", "--runs", "5",
                                     "--methods", "tome"])  # fmt: skip
     assert profiled.exit_code == 0, profiled.output
@@ -155,13 +156,15 @@ def test_optimize_merges_tokens_with_tome_on_a_plain_checkpoint(tmp_path, demo):
     device = DeviceRegistry.load().get("local")
     tome = PlanLatency.for_device(device, build_model(MODEL), MODEL, root=tables, methods=("tome",))
     space = _space(OptimizeSettings(target_ms=None, methods=("tome",)), tome.layout, None, None)
-    target = round((space.fastest(tome)[0] + demo["dense_ms"]) / 2, 3)
-    done = runner.invoke(main, [*args, "--target-ms", str(target)])
+    dense_ms = tome.predict(sp.PruningPlan(locations=(2,), keep=(1.0,), method="tome")).total_ms
+    target = round((space.fastest(tome)[0] + dense_ms) / 2, 3)
+    optimize = ["optimize", "--model", MODEL, "--checkpoint", str(demo["checkpoint"]), "--tables", tables,
+                "--calib-images", "200", *args, "--target-ms", str(target)]  # fmt: skip
+    done = runner.invoke(main, optimize)
     assert done.exit_code == 0, done.output
     plan = sp.PruningPlan.load(tmp_path / "plan.yaml")
     assert plan.method == "tome" and not plan.package_token and min(plan.keep) < 1.0
-    latency = PlanLatency.for_device(DeviceRegistry.load().get("local"), build_model(MODEL), MODEL, root=tables)
-    assert latency.predict(plan).total_ms <= target
+    assert tome.predict(plan).total_ms <= target
 
 
 def test_infeasible_target_and_unknown_device_are_refused(demo):
