@@ -3,8 +3,9 @@ image over calibration images, beside the unpruned model.
 
 Why: the table predicts each image from the counts it keeps, but the file that runs them
 computes the counts in its graph and runs dynamic shapes, and neither is in the table. On the
-0.9 ms Fashion-MNIST model the plan a p95 search chose measured 47% over the table's p95 on test
-images, its p50 27% over (``benchmarks/percentile.py``, 2026-12-02). A fixed-count candidate is
+0.9 ms Fashion-MNIST model, for the plan a search chose on the table alone, the table's p50 was
+0.73 of what 2,000 test images measured and its p95 0.54 (``benchmarks/percentile.py``,
+2026-12-02). A fixed-count candidate is
 measured with one generated input; an adaptive one needs real images, since its work depends on
 them. The local device runs them in this process; the board runners and phone tools time one
 generated input per file, so elsewhere the budget stays the table's (``optimize`` says so).
